@@ -1,0 +1,1 @@
+"""Data code: chat template, media preprocessing, collate, ToyWorld builder and converters."""

@@ -1,0 +1,461 @@
+"""The omni model: a vision tower and an audio tower whose features are spliced into a Qwen3 decoder.
+
+Read top to bottom: special tokens, config, placeholder counts, the Resampler (images and video),
+the AudioProjector, then OmniModel (embedding splice, loss, generation, freezing, save/load).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.model_audio import AudioConfig, WhisperEncoder
+from model.model_llm import KVCache, LLMConfig, Qwen3ForCausalLM
+from model.model_vision import SiglipVisionModel, VisionConfig
+from model.weights import load_state_dict_checked, read_hf_config
+
+# ----------------------------------------------------------------------------- special tokens
+# `<image>` / `<audio>` / `<video>` in a user turn are media MARKERS; the data pipeline expands each one into
+# start token + N pad tokens + end token, and the model overwrites the pad tokens' embeddings with media features.
+IMAGE_START, IMAGE_END = "<image>", "</image>"
+SLICE_START, SLICE_END = "<slice>", "</slice>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_START, VIDEO_END = "<video>", "</video>"
+VIDEO_PAD = "<|video_pad|>"
+AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
+AUDIO_PAD = "<|audio_pad|>"
+MEDIA_TOKENS = [IMAGE_START, IMAGE_END, SLICE_START, SLICE_END, IMAGE_PAD,
+                VIDEO_START, VIDEO_END, VIDEO_PAD, AUDIO_START, AUDIO_END, AUDIO_PAD]
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class OmniConfig:
+    llm: LLMConfig
+    vision: VisionConfig
+    audio: AudioConfig
+    query_num: int = 64             # resampler queries = LLM tokens per image slice / per video frame group
+    scale_resolution: int = 448     # LLaVA-UHD slicing: each slice is about scale_resolution^2 pixels
+    max_slice_nums: int = 9
+    video_group_size: int = 6       # frames that share one set of query_num tokens (3-D resampler)
+    video_max_frames: int = 32
+    audio_pool_step: int = 5        # 50 Whisper frames/s -> 10 tokens/s
+    audio_chunk_frames: int = 3000  # Whisper sees at most 30 s (3000 mel frames) at once
+    image_pad_id: int = -1          # the three pad ids come from the tokenizer (set_token_ids)
+    video_pad_id: int = -1
+    audio_pad_id: int = -1
+    external_weights: dict = field(default_factory=dict)  # component -> local HF folder, for towers not saved with us
+
+    @staticmethod
+    def preset(name: str) -> "OmniConfig":
+        if name == "tiny":  # trains on 2 CPU cores in minutes; vocab_size is set from the ToyWorld tokenizer
+            return OmniConfig(
+                llm=LLMConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
+                              max_position_embeddings=2048, tie_word_embeddings=True),
+                vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                    num_attention_heads=4, image_size=112, patch_size=14),
+                audio=AudioConfig(num_mel_bins=80, d_model=128, encoder_layers=3, encoder_attention_heads=4,
+                                  encoder_ffn_dim=512, max_source_positions=1500),
+                query_num=16, scale_resolution=112, max_slice_nums=4, video_max_frames=8)
+        if name == "qwen3_0_6b":  # Qwen3-0.6B + SigLIP2-so400m-patch14-384 + Whisper-medium encoder
+            return OmniConfig(
+                llm=LLMConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+                              max_position_embeddings=40960, tie_word_embeddings=True),
+                vision=VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                    num_attention_heads=16, image_size=384, patch_size=14),
+                audio=AudioConfig(num_mel_bins=80, d_model=1024, encoder_layers=24, encoder_attention_heads=16,
+                                  encoder_ffn_dim=4096, max_source_positions=1500),
+                query_num=64, scale_resolution=448, max_slice_nums=9)
+        raise ValueError(f"unknown preset {name!r}; choose 'tiny' or 'qwen3_0_6b'")
+
+    @staticmethod
+    def from_hf_folders(llm: str, vision: str, audio: str, **overrides) -> "OmniConfig":
+        """Tower shapes read from local checkpoint folders (config.json), the rest from the qwen3_0_6b preset."""
+        base = asdict(OmniConfig.preset("qwen3_0_6b"))
+        base.update(overrides)
+        base["llm"] = asdict(LLMConfig.from_hf_config(read_hf_config(llm)))
+        base["vision"] = asdict(VisionConfig.from_hf_config(read_hf_config(vision)))
+        base["audio"] = asdict(AudioConfig.from_hf_config(read_hf_config(audio)))
+        return OmniConfig.from_dict(base)
+
+    def set_token_ids(self, tokenizer) -> "OmniConfig":
+        """Record the placeholder ids; the tokenizer must already hold our special tokens."""
+        for attr, token in (("image_pad_id", IMAGE_PAD), ("video_pad_id", VIDEO_PAD), ("audio_pad_id", AUDIO_PAD)):
+            idx = tokenizer.convert_tokens_to_ids(token)
+            if idx is None or idx == tokenizer.unk_token_id or idx >= self.llm.vocab_size:
+                raise ValueError(f"tokenizer has no usable id for {token} (got {idx}, vocab_size {self.llm.vocab_size})")
+            setattr(self, attr, idx)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "OmniConfig":
+        known = {f.name for f in fields(OmniConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown OmniConfig keys: {sorted(unknown)}")
+        d = dict(d, llm=LLMConfig(**d["llm"]), vision=VisionConfig(**d["vision"]), audio=AudioConfig(**d["audio"]))
+        return OmniConfig(**d)
+
+    def save(self, path: str):
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @staticmethod
+    def load(path: str) -> "OmniConfig":
+        with open(path) as f:
+            return OmniConfig.from_dict(json.load(f))
+
+
+# ----------------------------------------------------------------------------- placeholder counts
+def audio_chunk_token_count(mel_len: int, pool_step: int) -> int:
+    """Tokens one <= 30 s chunk produces: conv2 halves the frames (stride 2), then AvgPool1d(k=s=pool_step)."""
+    after_cnn = (mel_len - 1) // 2 + 1
+    return max(0, (after_cnn - pool_step) // pool_step + 1)
+
+
+def audio_token_count(mel_len: int, config: OmniConfig) -> int:
+    """AUDIO_PAD tokens for an audio of mel_len frames; audio over 30 s is encoded in 30 s chunks."""
+    chunk = config.audio_chunk_frames
+    full, rest = divmod(mel_len, chunk)
+    count = full * audio_chunk_token_count(chunk, config.audio_pool_step)
+    return count + (audio_chunk_token_count(rest, config.audio_pool_step) if rest else 0)
+
+
+# ----------------------------------------------------------------------------- sin-cos position tables
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """[...] positions -> [..., dim]: [sin(p * w_0..w_{dim/2-1}), cos(p * w_0..)] with w_i = 1 / 10000^(i / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2))
+    angles = positions.to(torch.float64).unsqueeze(-1) * omega  # [..., dim/2]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
+    """[grid_h, grid_w, dim] table: the first dim/2 channels encode the column, the last dim/2 the row."""
+    rows = torch.arange(grid_h).unsqueeze(1).expand(grid_h, grid_w)
+    cols = torch.arange(grid_w).unsqueeze(0).expand(grid_h, grid_w)
+    return torch.cat([sincos_1d(cols, dim // 2), sincos_1d(rows, dim // 2)], dim=-1)
+
+
+# ----------------------------------------------------------------------------- resampler
+class Resampler(nn.Module):
+    """Perceiver resampler of MiniCPM-V/o: query_num learned queries, ONE cross-attention, nothing else.
+
+    Positions enter through the KEYS only (2-D sin-cos of each patch's row/column, plus a 1-D sin-cos of the
+    frame time for video), so one set of queries serves any slice size and any frame group.
+    Parameter names follow the original so its weights load.
+    """
+
+    def __init__(self, query_num: int, embed_dim: int, kv_dim: int, num_heads: int | None = None):
+        super().__init__()
+        self.query_num, self.embed_dim = query_num, embed_dim
+        num_heads = num_heads or max(1, embed_dim // 128)
+        self.query = nn.Parameter(torch.zeros(query_num, embed_dim))
+        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads)
+        self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.proj = nn.Parameter(embed_dim ** -0.5 * torch.randn(embed_dim, embed_dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+
+    def patch_positions(self, grid_hw: torch.Tensor, length: int) -> torch.Tensor:
+        """[N, 2] grids -> [N, L, D] 2-D sin-cos of each packed (row-major) patch; padded patches get row/col 0."""
+        max_h, max_w = int(grid_hw[:, 0].max()), int(grid_hw[:, 1].max())
+        table = sincos_2d(max_h, max_w, self.embed_dim).to(grid_hw.device)  # [Hmax, Wmax, D]
+        idx = torch.arange(length, device=grid_hw.device)                    # [L]
+        width = grid_hw[:, 1:2]                                              # [N, 1]
+        rows, cols = (idx // width).clamp(max=max_h - 1), idx % width        # [N, L]
+        return table[rows, cols]                                             # [N, L, D]
+
+    def attend(self, keys: torch.Tensor, values: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+        """keys/values [N, L, D], key_padding [N, L] (True = ignore) -> [N, Q, D]."""
+        n = keys.shape[0]
+        q = self.ln_q(self.query).unsqueeze(1).expand(-1, n, -1)              # [Q, N, D]
+        out, _ = self.attn(q, keys.transpose(0, 1), values.transpose(0, 1),
+                           key_padding_mask=key_padding, need_weights=False)  # [Q, N, D]
+        return self.ln_post(out.transpose(0, 1)) @ self.proj                  # [N, Q, D]
+
+    def forward(self, x: torch.Tensor, patch_mask: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
+        """Images: x [N, L, kv_dim] patch features of N slices, patch_mask [N, L] -> [N, Q, D]."""
+        x = self.ln_kv(self.kv_proj(x))                                           # [N, L, D]
+        pos = self.patch_positions(grid_hw, x.shape[1]).to(x.dtype)               # [N, L, D]
+        return self.attend(x + pos, x, ~patch_mask)
+
+    def forward_video(self, x: torch.Tensor, patch_mask: torch.Tensor, grid_hw: torch.Tensor,
+                      temporal_ids: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        """Video: F frames [F, L, kv_dim] in G consecutive groups -> [G, Q, D]; a group's queries see all its patches."""
+        x = self.ln_kv(self.kv_proj(x))                                               # [F, L, D]
+        pos = self.patch_positions(grid_hw, x.shape[1]) + sincos_1d(temporal_ids, self.embed_dim)[:, None]
+        keys = x + pos.to(x.dtype)                                                     # [F, L, D]
+        # scatter frames into a [G, S, L, D] grid (S = largest group), then flatten each group's patches
+        num_groups, frames, length = len(group_sizes), x.shape[0], x.shape[1]
+        group = torch.repeat_interleave(torch.arange(num_groups, device=x.device), group_sizes)  # [F]
+        first = torch.cumsum(group_sizes, 0) - group_sizes                                      # [G]
+        slot = torch.arange(frames, device=x.device) - first[group]                             # [F]
+        size = int(group_sizes.max())
+        grouped_k = x.new_zeros(num_groups, size, length, self.embed_dim)
+        grouped_v = x.new_zeros(num_groups, size, length, self.embed_dim)
+        grouped_m = patch_mask.new_zeros(num_groups, size, length)
+        grouped_k[group, slot], grouped_v[group, slot], grouped_m[group, slot] = keys, x, patch_mask
+        flat = (num_groups, size * length)
+        return self.attend(grouped_k.view(*flat, -1), grouped_v.view(*flat, -1), ~grouped_m.view(flat))
+
+
+# ----------------------------------------------------------------------------- audio projector
+class AudioProjector(nn.Module):
+    """Whisper states (50/s) -> LLM width, then average pooling (k = s = pool_step) -> 10 tokens/s by default."""
+
+    def __init__(self, in_dim: int, out_dim: int, pool_step: int = 5):
+        super().__init__()
+        self.linear1 = nn.Linear(in_dim, out_dim)
+        self.relu = nn.ReLU()
+        self.linear2 = nn.Linear(out_dim, out_dim)
+        self.pool = nn.AvgPool1d(pool_step, stride=pool_step)
+        self.pool_step = pool_step
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """states [N, T, Da], mask [N, T] -> the valid pooled tokens of all chunks, in order: [sum(n_i), D]."""
+        x = self.linear2(self.relu(self.linear1(states)))             # [N, T, D]
+        x = self.pool(x.transpose(1, 2)).transpose(1, 2)              # [N, T // pool, D]
+        valid = mask.sum(1)                                           # [N] valid frames per chunk
+        n_tokens = ((valid - self.pool_step) // self.pool_step + 1).clamp(min=0)
+        keep = torch.arange(x.shape[1], device=x.device) < n_tokens[:, None]  # [N, T // pool]
+        return x[keep]
+
+
+# ----------------------------------------------------------------------------- the omni model
+@dataclass
+class MediaInputs:
+    """Everything the collate produces besides text (see dataset/omni_dataset.py); absent media are None."""
+    pixel_values: torch.Tensor | None = None        # [N_slices, 3, H, W]
+    image_grid_hw: torch.Tensor | None = None       # [N_slices, 2]
+    video_pixel_values: torch.Tensor | None = None  # [N_frames, 3, H, W]
+    video_grid_hw: torch.Tensor | None = None       # [N_frames, 2]
+    video_temporal_ids: torch.Tensor | None = None  # [N_frames], 0.1 s units
+    video_group_sizes: torch.Tensor | None = None   # [N_groups]
+    audio_features: torch.Tensor | None = None      # [N_chunks, 80, T]
+    audio_feature_lens: torch.Tensor | None = None  # [N_chunks]
+
+
+class OmniModel(nn.Module):
+    """Vision tower + resampler and audio tower + projector feeding a Qwen3 decoder.
+
+    The whole multimodal trick is `embed_inputs`: text is embedded as usual, then the rows at placeholder
+    tokens (<|image_pad|>, <|video_pad|>, <|audio_pad|>) are overwritten, in order, with media embeddings.
+    """
+    COMPONENTS = {"vision": "vision_tower", "audio": "audio_tower", "llm": "llm",
+                  "resampler": "resampler", "audio_projector": "audio_projector"}
+
+    def __init__(self, config: OmniConfig):
+        super().__init__()
+        self.config = config
+        width = config.llm.hidden_size
+        self.llm = Qwen3ForCausalLM(config.llm)
+        self.vision_tower = SiglipVisionModel(config.vision)
+        self.resampler = Resampler(config.query_num, width, kv_dim=config.vision.hidden_size)
+        self.audio_tower = WhisperEncoder(config.audio)
+        self.audio_projector = AudioProjector(config.audio.d_model, width, config.audio_pool_step)
+
+    # ---- media encoders: each returns embeddings in LLM width, in prompt order
+    def embed_images(self, pixel_values, grid_hw) -> torch.Tensor:
+        feats, mask = self.vision_tower(pixel_values, grid_hw)   # [N, L, Dv], [N, L]
+        return self.resampler(feats, mask, grid_hw)              # [N, Q, D]
+
+    def embed_video(self, pixel_values, grid_hw, temporal_ids, group_sizes) -> torch.Tensor:
+        feats, mask = self.vision_tower(pixel_values, grid_hw)   # [F, L, Dv]
+        return self.resampler.forward_video(feats, mask, grid_hw, temporal_ids, group_sizes)  # [G, Q, D]
+
+    def embed_audio(self, features, lens) -> torch.Tensor:
+        states, mask = self.audio_tower(features, lens)          # [N, T', Da], [N, T']
+        return self.audio_projector(states, mask)                # [n_tokens, D]
+
+    def embed_inputs(self, input_ids: torch.Tensor, media: MediaInputs) -> torch.Tensor:
+        """[B, T] ids -> [B, T, D] embeddings with every placeholder row replaced by its media embedding."""
+        embeds = self.llm.get_input_embeddings()(input_ids)      # [B, T, D]
+        cfg = self.config
+        branches = [
+            ("image", cfg.image_pad_id, media.pixel_values,
+             lambda: self.embed_images(media.pixel_values, media.image_grid_hw)),
+            ("video", cfg.video_pad_id, media.video_pixel_values,
+             lambda: self.embed_video(media.video_pixel_values, media.video_grid_hw,
+                                      media.video_temporal_ids, media.video_group_sizes)),
+            ("audio", cfg.audio_pad_id, media.audio_features,
+             lambda: self.embed_audio(media.audio_features, media.audio_feature_lens)),
+        ]
+        for kind, pad_id, data, encode in branches:
+            is_pad = input_ids == pad_id                          # [B, T]
+            n_pads = int(is_pad.sum())
+            if data is None:
+                if n_pads:
+                    raise ValueError(f"batch has {n_pads} {kind} placeholder tokens but no {kind} inputs")
+                continue
+            feats = encode().reshape(-1, embeds.shape[-1])        # [n_media_tokens, D]
+            if feats.shape[0] != n_pads:
+                raise ValueError(f"{kind} placeholder/embedding count mismatch: the prompt has {n_pads} "
+                                 f"{kind} pad tokens but the {kind} inputs produce {feats.shape[0]} embeddings")
+            embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), feats.to(embeds.dtype))
+        return embeds
+
+    def _unused_branch_anchor(self, media: MediaInputs) -> torch.Tensor:
+        """0 * (sum of trainable params of branches this batch did not use): keeps every trainable parameter in
+        the autograd graph so DDP does not hang waiting for gradients of a modality missing from one rank."""
+        unused = []
+        if media.pixel_values is None and media.video_pixel_values is None:
+            unused += [self.vision_tower, self.resampler]
+        if media.audio_features is None:
+            unused += [self.audio_tower, self.audio_projector]
+        params = [p for m in unused for p in m.parameters() if p.requires_grad]
+        return sum((p.sum() * 0.0 for p in params), torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **media) -> dict:
+        """Next-token loss over labelled positions only; logits are computed only where labels exist."""
+        media = MediaInputs(**media)
+        embeds = self.embed_inputs(input_ids, media)
+        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none").hidden_states
+        out = {"num_tokens": attention_mask.sum() if attention_mask is not None else torch.tensor(input_ids.numel())}
+        if labels is None:
+            return out
+        targets = labels[:, 1:]                                   # position t predicts token t+1
+        keep = targets != -100                                    # [B, T-1]
+        logits = self.llm.lm_head(hidden[:, :-1][keep])           # [N, V] only at labelled positions
+        loss = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else hidden.sum() * 0.0
+        if self.training:
+            loss = loss + self._unused_branch_anchor(media).to(loss.device)
+        out.update(loss=loss, num_label_tokens=keep.sum())
+        return out
+
+    # ---- generation
+    @staticmethod
+    def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, V] -> [B] next ids: greedy at temperature 0, else temperature + top-k + top-p sampling."""
+        if temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k > 0:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p        # keep the smallest prefix reaching top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+    @torch.no_grad()
+    def stream_generate(self, input_ids, attention_mask=None, max_new_tokens=64, temperature=0.0, top_k=0,
+                        top_p=1.0, stop_ids=(), use_cache=True, generator=None, **media):
+        """Yields [B] next-token ids one step at a time. Prompts in a batch must be LEFT-padded.
+
+        Rows that hit a stop id keep emitting the stop id; the loop ends when every row has stopped."""
+        media = MediaInputs(**media)
+        embeds = self.embed_inputs(input_ids, media)                       # [B, T, D]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        cache = KVCache() if use_cache else None
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        step_embeds = embeds
+        for _ in range(max_new_tokens):
+            out = self.llm(inputs_embeds=step_embeds if use_cache else embeds, attention_mask=mask,
+                           cache=cache, logits_at="last")
+            next_ids = self.sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+            next_ids = torch.where(done, stop[0] if len(stop) else next_ids, next_ids)
+            yield next_ids
+            done |= torch.isin(next_ids, stop)
+            if done.all():
+                return
+            step_embeds = self.llm.get_input_embeddings()(next_ids[:, None])  # [B, 1, D]
+            embeds = torch.cat([embeds, step_embeds], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+
+    def generate(self, input_ids, **kwargs) -> torch.Tensor:
+        """[B, T] prompt -> [B, n_new] generated ids (including the stop token when one was produced)."""
+        steps = list(self.stream_generate(input_ids, **kwargs))
+        return torch.stack(steps, 1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    # ---- freezing
+    def _component_modules(self, names) -> list[nn.Module]:
+        names = [names] if isinstance(names, str) else list(names)
+        expanded = []
+        for name in names:
+            expanded += ["resampler", "audio_projector"] if name == "projectors" else [name]
+        unknown = [n for n in expanded if n not in self.COMPONENTS]
+        if unknown:
+            raise ValueError(f"unknown components {unknown}; choose from {list(self.COMPONENTS)} or 'projectors'")
+        return [getattr(self, self.COMPONENTS[n]) for n in expanded]
+
+    def freeze(self, *names):
+        """model.freeze("vision", "audio", "llm") -> only the resampler and audio projector train."""
+        for module in self._component_modules(names):
+            module.requires_grad_(False)
+        return self
+
+    def unfreeze(self, *names):
+        for module in self._component_modules(names):
+            module.requires_grad_(True)
+        return self
+
+    def trainable_components(self) -> list[str]:
+        return [n for n, attr in self.COMPONENTS.items()
+                if any(p.requires_grad for p in getattr(self, attr).parameters())]
+
+    # ---- weights
+    def save_pretrained(self, out_dir: str, exclude: tuple[str, ...] = ()):
+        """config.json + model.safetensors. `exclude` names towers (e.g. "vision", "audio") loaded from their
+        original folders instead; those folders must be recorded in config.external_weights."""
+        missing = [c for c in exclude if c not in self.config.external_weights]
+        if missing:
+            raise ValueError(f"cannot exclude {missing}: config.external_weights has no source folder for them")
+        os.makedirs(out_dir, exist_ok=True)
+        skip = tuple(self.COMPONENTS[c] + "." for c in exclude)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(skip)}
+        if self.config.llm.tie_word_embeddings:
+            state.pop("llm.lm_head.weight", None)               # tied: shares storage with embed_tokens
+        config = dict(self.config.to_dict(), excluded=list(exclude))
+        save_file(state, os.path.join(out_dir, "model.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(out_dir, "model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+    @staticmethod
+    def from_pretrained(ckpt_dir: str, device="cpu") -> "OmniModel":
+        with open(os.path.join(ckpt_dir, "config.json")) as f:
+            raw = json.load(f)
+        excluded = raw.pop("excluded", [])
+        model = OmniModel(OmniConfig.from_dict(raw)).to(device)
+        state = load_file(os.path.join(ckpt_dir, "model.safetensors"), device=str(device))
+        for component in excluded:
+            model.load_tower(component, model.config.external_weights[component])
+            prefix = model.COMPONENTS[component] + "."
+            state.update({k: v for k, v in model.state_dict().items() if k.startswith(prefix)})
+        tied = ("llm.lm_head.",) if model.config.llm.tie_word_embeddings else ()
+        load_state_dict_checked(model, state, f"OmniModel from {ckpt_dir}", ignore_missing=tied)
+        return model
+
+    def load_tower(self, component: str, folder: str):
+        """Load real pretrained weights for one tower from a local Hugging Face folder (no download)."""
+        loaders = {"llm": Qwen3ForCausalLM, "vision": SiglipVisionModel, "audio": WhisperEncoder}
+        if component not in loaders:
+            raise ValueError(f"load_tower takes one of {list(loaders)}, got {component!r}")
+        tower = loaders[component].from_pretrained_hf(folder)
+        device = next(self.parameters()).device
+        setattr(self, self.COMPONENTS[component], tower.to(device))
+        self.config.external_weights[component] = os.path.abspath(folder)
+        return self
+
+    @staticmethod
+    def from_hf_folders(llm: str, vision: str, audio: str, **config_overrides) -> "OmniModel":
+        """A fresh omni model around real Qwen3 / SigLIP2 / Whisper checkpoints (projectors randomly initialised)."""
+        model = OmniModel(OmniConfig.from_hf_folders(llm, vision, audio, **config_overrides))
+        for component, folder in (("llm", llm), ("vision", vision), ("audio", audio)):
+            model.load_tower(component, folder)
+        return model

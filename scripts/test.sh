@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite on CPU. pytest exits non-zero (5) if it collects nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+python -m pytest -q "$@"

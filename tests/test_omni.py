@@ -1,0 +1,217 @@
+"""Resampler rules (REFERENCE.md), placeholder splicing, loss masking, save/load and generation of OmniModel."""
+import math
+
+import pytest
+import torch
+
+from model.model_omni import (AudioProjector, MediaInputs, OmniConfig, OmniModel, Resampler, audio_token_count,
+                              sincos_2d)
+
+
+def tiny_config() -> OmniConfig:
+    cfg = OmniConfig.preset("tiny")
+    cfg.llm.vocab_size, cfg.llm.num_hidden_layers = 64, 2
+    cfg.vision.num_hidden_layers, cfg.audio.encoder_layers = 1, 1
+    cfg.query_num = 4
+    cfg.image_pad_id, cfg.video_pad_id, cfg.audio_pad_id = 61, 62, 63
+    return cfg
+
+
+def test_sincos_2d_known_table():
+    # dim 8: columns use dims 0-3, rows dims 4-7; each half is [sin(p*w0), sin(p*w1), cos(p*w0), cos(p*w1)]
+    # with w_i = 1 / 10000^(i / (8/4)) = [1, 0.01].
+    table = sincos_2d(2, 3, 8)
+    assert table.shape == (2, 3, 8)
+    r, c = 1, 2
+    expected = [math.sin(c), math.sin(0.01 * c), math.cos(c), math.cos(0.01 * c),
+                math.sin(r), math.sin(0.01 * r), math.cos(r), math.cos(0.01 * r)]
+    assert torch.allclose(table[r, c], torch.tensor(expected), atol=1e-6)
+    assert torch.equal(table[0, 0], torch.tensor([0, 0, 1, 1, 0, 0, 1, 1], dtype=torch.float32))
+
+
+def test_resampler_padded_batch_equals_each_alone():
+    torch.manual_seed(0)
+    res = Resampler(query_num=8, embed_dim=256, kv_dim=48).eval()
+    grids = torch.tensor([[2, 3], [4, 4], [1, 5]])
+    lengths = grids.prod(1)
+    L = int(lengths.max())
+    x = torch.randn(3, L, 48)
+    mask = torch.arange(L)[None] < lengths[:, None]
+    batched = res(x, mask, grids)
+    assert batched.shape == (3, 8, 256)
+    for i in range(3):
+        n = int(lengths[i])
+        alone = res(x[i:i + 1, :n], mask[i:i + 1, :n], grids[i:i + 1])
+        assert (batched[i] - alone[0]).abs().max() < 1e-5
+    # the keys carry positions: transposing a slice's grid changes the output
+    assert (res(x[:1, :6], mask[:1, :6], torch.tensor([[3, 2]])) - batched[:1]).abs().max() > 1e-3
+
+
+def test_resampler_param_names_follow_original():
+    names = set(dict(Resampler(64, 256, kv_dim=128).named_parameters()))
+    assert names == {"query", "kv_proj.weight", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                     "attn.out_proj.bias", "ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias",
+                     "ln_post.weight", "ln_post.bias", "proj"}
+    assert Resampler(64, 1024, kv_dim=1152).attn.num_heads == 8  # D // 128 heads
+
+
+def test_video_groups_give_query_num_tokens_each():
+    torch.manual_seed(0)
+    res = Resampler(query_num=64, embed_dim=128, kv_dim=32).eval()
+    frames, L = 8, 6
+    x = torch.randn(frames, L, 32)
+    mask = torch.ones(frames, L, dtype=torch.bool)
+    grids = torch.tensor([[2, 3]] * frames)
+    times = torch.arange(frames) * 5                      # 0.5 s apart, in 0.1 s units
+    sizes = torch.tensor([6, 2])
+    out = res.forward_video(x, mask, grids, times, sizes)
+    assert out.shape == (2, 64, 128)                      # 6 frames -> 64 tokens, 2 frames -> 64 tokens
+    second = res.forward_video(x[6:], mask[6:], grids[6:], times[6:], torch.tensor([2]))
+    assert (out[1] - second[0]).abs().max() < 1e-5        # groups are independent
+    shifted = res.forward_video(x[6:], mask[6:], grids[6:], times[6:] + 7, torch.tensor([2]))
+    assert (shifted - second).abs().max() > 1e-4          # timestamps enter the keys
+
+
+def test_audio_projector_pools_and_counts():
+    cfg = tiny_config()
+    proj = AudioProjector(16, 32, pool_step=5)
+    states = torch.randn(2, 50, 16)
+    mask = torch.zeros(2, 50, dtype=torch.bool)
+    mask[0, :50], mask[1, :23] = True, True
+    out = proj(states, mask)
+    assert out.shape == (10 + 4, 32)                      # (50-5)//5+1 = 10, (23-5)//5+1 = 4
+    # mel frames -> tokens: 1 s = 100 frames -> 50 after conv2 -> 10 after pooling; 45 s = 30 s + 15 s chunks
+    assert audio_token_count(100, cfg) == 10
+    assert audio_token_count(4500, cfg) == 300 + 150
+
+
+def make_batch(cfg, with_audio=True):
+    """Prompt: 2 image slices (4 tokens each) + one 1 s audio (10 tokens), text around them."""
+    q = cfg.query_num
+    ids = [1, 2] + [cfg.image_pad_id] * (2 * q) + [3] + ([cfg.audio_pad_id] * 10 if with_audio else []) + [4, 5, 6, 7]
+    input_ids = torch.tensor([ids])
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                 pixel_values=torch.randn(2, 3, 28, 42), image_grid_hw=torch.tensor([[2, 3], [2, 2]]))
+    batch["pixel_values"][1, :, :, 28:] = 0
+    if with_audio:
+        batch.update(audio_features=torch.randn(1, 80, 100), audio_feature_lens=torch.tensor([100]))
+    return batch
+
+
+def media_of(batch) -> MediaInputs:
+    return MediaInputs(**{k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")})
+
+
+def test_placeholder_count_mismatch_raises():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).eval()
+    batch = make_batch(cfg)
+    batch["input_ids"] = batch["input_ids"][:, 1:]  # drop one text token: still consistent
+    model(**batch)
+    bad = make_batch(cfg)
+    bad["input_ids"][0, 2] = 9                         # one image placeholder fewer than the slices produce
+    bad["attention_mask"] = torch.ones_like(bad["input_ids"])
+    with pytest.raises(ValueError, match="image placeholder/embedding count mismatch.*7 image pad tokens.*8 embeddings"):
+        model(**bad)
+    no_audio = make_batch(cfg)
+    del no_audio["audio_features"], no_audio["audio_feature_lens"]
+    with pytest.raises(ValueError, match="10 audio placeholder tokens but no audio inputs"):
+        model(**no_audio)
+
+
+def test_media_rows_are_spliced_at_placeholders():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).eval()
+    batch = make_batch(cfg)
+    embeds = model.embed_inputs(batch["input_ids"], media_of(batch))
+    images = model.embed_images(batch["pixel_values"], batch["image_grid_hw"]).reshape(-1, 256)
+    audio = model.embed_audio(batch["audio_features"], batch["audio_feature_lens"])
+    ids = batch["input_ids"][0]
+    assert torch.equal(embeds[0, ids == cfg.image_pad_id], images)
+    assert torch.equal(embeds[0, ids == cfg.audio_pad_id], audio)
+    text = model.llm.get_input_embeddings()(ids)
+    is_text = (ids != cfg.image_pad_id) & (ids != cfg.audio_pad_id)
+    assert torch.equal(embeds[0, is_text], text[is_text])
+
+
+def test_loss_ignores_minus_100_labels():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).eval()
+    batch = make_batch(cfg)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -3:] = batch["input_ids"][0, -3:]        # only the last 3 tokens are "assistant" tokens
+    out = model(**batch, labels=labels)
+    full = model.llm(inputs_embeds=model.embed_inputs(batch["input_ids"], media_of(batch)), logits_at=None).logits
+    expected = torch.nn.functional.cross_entropy(full[0, -4:-1], batch["input_ids"][0, -3:])
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+    assert int(out["num_label_tokens"]) == 3
+
+
+def test_unused_modality_still_gets_gradient_path():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).train()
+    batch = make_batch(cfg, with_audio=False)
+    labels = batch["input_ids"].clone()
+    model(**batch, labels=labels)["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_freeze_by_component():
+    model = OmniModel(tiny_config())
+    model.freeze("vision", "audio", "llm")
+    assert model.trainable_components() == ["resampler", "audio_projector"]
+    model.unfreeze("llm").freeze("projectors")
+    assert model.trainable_components() == ["llm"]
+    with pytest.raises(ValueError, match="unknown components"):
+        model.freeze("talker")
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).eval()
+    batch = make_batch(cfg)
+    labels = batch["input_ids"].clone()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = OmniModel.from_pretrained(str(tmp_path / "ckpt")).eval()
+    assert loaded.config == model.config
+    assert torch.equal(model(**batch, labels=labels)["loss"], loaded(**batch, labels=labels)["loss"])
+    with pytest.raises(ValueError, match="external_weights"):
+        model.save_pretrained(tmp_path / "x", exclude=("vision",))
+
+
+def test_generate_with_and_without_cache_match():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).eval()
+    batch = make_batch(cfg)
+    with_cache = model.generate(**batch, max_new_tokens=8, use_cache=True)
+    no_cache = model.generate(**batch, max_new_tokens=8, use_cache=False)
+    assert with_cache.shape == (1, 8) and torch.equal(with_cache, no_cache)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    s1 = model.generate(**batch, max_new_tokens=8, temperature=1.0, top_k=10, top_p=0.9, generator=g1)
+    s2 = model.generate(**batch, max_new_tokens=8, temperature=1.0, top_k=10, top_p=0.9, generator=g2, use_cache=False)
+    assert torch.equal(s1, s2)
+    stop = int(with_cache[0, 2])
+    stopped = model.generate(**batch, max_new_tokens=8, stop_ids=(stop,))
+    assert stopped.shape[1] <= 3 and int(stopped[0, -1]) == stop
+
+
+def test_top_k_top_p_filtering():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -10.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(OmniModel.sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {int(OmniModel.sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(200)}
+    assert draws == {0}                                     # p(token 0) = 0.66 > 0.5 alone
+
+
+def test_config_json_round_trip(tmp_path):
+    for name in ("tiny", "qwen3_0_6b"):
+        cfg = OmniConfig.preset(name)
+        cfg.save(tmp_path / "c.json")
+        assert OmniConfig.load(tmp_path / "c.json") == cfg
