@@ -68,7 +68,7 @@ class SiglipVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.side * self.side, cfg.hidden_size)
 
     def grid_positions(self, h: int, w: int) -> torch.Tensor:
-        """[h*w, D] row-major; bicubic resize of the square table as transformers' interpolate_pos_encoding."""
+        """[h*w, D] row-major: the square table resized bicubically (in fp32) as transformers does."""
         table = self.position_embedding.weight  # [side*side, D]
         if (h, w) == (self.side, self.side):
             return table

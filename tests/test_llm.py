@@ -142,7 +142,7 @@ def test_gradient_checkpointing(pair):
     ids, mask = padded_batch()
     target = mask.bool()
     calls = []
-    hook = ours.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    hook = ours.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
 
     def loss_and_grads(ckpt):
         ours.zero_grad()

@@ -107,7 +107,7 @@ def test_placeholder_count_mismatch_raises():
     cfg = tiny_config()
     model = OmniModel(cfg).eval()
     batch = make_batch(cfg)
-    batch["input_ids"] = batch["input_ids"][:, 1:]  # drop one text token: still consistent
+    batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:]
     model(**batch)
     bad = make_batch(cfg)
     bad["input_ids"][0, 2] = 9                         # one image placeholder fewer than the slices produce
@@ -215,3 +215,14 @@ def test_config_json_round_trip(tmp_path):
         cfg = OmniConfig.preset(name)
         cfg.save(tmp_path / "c.json")
         assert OmniConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_qwen3_0_6b_preset_matches_real_model_sizes():
+    # published sizes: Qwen3-0.6B 596,049,920 (tied embeddings); Whisper-medium encoder 307,216,384 (incl. the
+    # 1500x1024 position table); SigLIP2-so400m-patch14-384 vision tower 412,987,248 without its pooling head.
+    with torch.device("meta"):
+        model = OmniModel(OmniConfig.preset("qwen3_0_6b"))
+    n = {name: sum(p.numel() for p in getattr(model, attr).parameters()) for name, attr in model.COMPONENTS.items()}
+    assert n["llm"] == 596_049_920
+    assert n["audio"] == 307_216_384
+    assert n["vision"] == 412_987_248
