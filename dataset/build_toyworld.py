@@ -62,6 +62,7 @@ RADIUS = {"small": 8, "large": 13}  # shape "radius" in px; star/triangle tips r
 SUPERSAMPLE = 4  # shapes are drawn 4x larger and box-filtered down, for anti-aliased edges
 FPS = 5  # video clips: 5 frames per second (0.2 s per frame), 4-8 frames
 SAMPLE_RATE = 16000
+SEP = {"en": " ", "zh": ""}  # how words join in each language
 INSTALL_HINT = "install it with `apt-get install espeak-ng fonts-dejavu-core fonts-wqy-microhei`"
 FONTS = {"en": ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf"],
          "zh": ["wqy-microhei.ttc"]}
@@ -276,16 +277,16 @@ def gen_caption(rng, lang, i, test):
                         {"scene": scene, "answer": ans}, images=[scene_spec(rng, scene)])]
 
 
-def pick_combo(rng, test: bool, make) -> tuple[str, bool]:
-    """Draw a multi-word string; training never sees a held-out combination, the test split half the time does."""
+def pick_combo(rng, test: bool, make) -> tuple[list[str], bool]:
+    """Draw a word combination; training never sees a held-out one, the test split does half the time."""
     want = test and rng.random() < 0.5
     while True:
-        text = make()
-        if T.held_out(text) == want:
-            return text, want
+        words = make()
+        if T.held_out(" ".join(words)) == want:
+            return words, want
 
 
-def ocr_text(rng, lang, layout: str, test: bool) -> tuple[list[str], bool]:
+def ocr_lines(rng, lang, layout: str, test: bool) -> tuple[list[str], bool]:
     """Lines to render: one word or number (square), a longer line (wide) or stacked words (tall)."""
     if layout == "square":
         if lang == "zh":
@@ -297,22 +298,15 @@ def ocr_text(rng, lang, layout: str, test: bool) -> tuple[list[str], bool]:
     n = rng.randint(2, 4) if layout == "wide" else rng.randint(2, 3)
     if lang == "en" and layout == "wide" and rng.random() < 0.2:
         return [" ".join(str(rng.randint(10, 999)) for _ in range(n))], False
-    words = T.ZH_WORDS if lang == "zh" else T.WORDS
-    sep = "" if lang == "zh" else " "
-    text, unseen = pick_combo(rng, test, lambda: sep.join(rng.sample(words, n)))
-    parts = list(text) if lang == "zh" and False else None
-    del parts
-    lines = text.split(" ") if lang == "en" else None
-    if lang == "zh":  # rebuild the word list (no spaces in Chinese): pick_combo only saw the joined string
-        lines = None
-    return ([text] if layout == "wide" else lines), unseen
+    words, unseen = pick_combo(rng, test, lambda: rng.sample(T.ZH_WORDS if lang == "zh" else T.WORDS, n))
+    return ([SEP[lang].join(words)] if layout == "wide" else words), unseen
 
 
 def gen_ocr(rng, lang, i, test):
     """Rendered text -> the text verbatim. Every 4th sample is the any-resolution variant (wide or tall image)."""
     layout = rng.choice(["wide", "tall"]) if i % 4 == 3 else "square"
     width, height = {"square": (IMG, IMG), "wide": (3 * IMG, IMG), "tall": (IMG, 5 * IMG // 2)}[layout]
-    lines, unseen = ocr_text(rng, lang, layout, test)
+    lines, unseen = ocr_lines(rng, lang, layout, test)
     font = rng.choice(FONTS[lang])
     color = rng.choice(list(TEXT_COLORS))
     angle = round(rng.uniform(-8, 8), 1)
@@ -325,7 +319,7 @@ def gen_ocr(rng, lang, i, test):
     w, h = text_extent(lines, font, size, angle)
     offset = [rng.randint(-max(0, (width - 12 - w) // 2), max(0, (width - 12 - w) // 2)),
               rng.randint(-max(0, (height - 12 - h) // 2), max(0, (height - 12 - h) // 2))]
-    text = ("" if lang == "zh" else " ").join(lines)
+    text = SEP[lang].join(lines)
     spec = {"kind": "text", "lines": lines, "font": font, "font_size": size, "color": list(TEXT_COLORS[color]),
             "angle": angle, "width": width, "height": height, "background": background(rng), "offset": offset,
             "seed": rng.getrandbits(31)}

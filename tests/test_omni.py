@@ -226,3 +226,34 @@ def test_qwen3_0_6b_preset_matches_real_model_sizes():
     assert n["llm"] == 596_049_920
     assert n["audio"] == 307_216_384
     assert n["vision"] == 412_987_248
+
+
+def test_omni_from_local_hf_folders_and_save_without_frozen_towers(tmp_path):
+    """Real-checkpoint path: three local HF folders -> OmniModel; saving can leave the frozen towers out."""
+    from transformers import (Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel, WhisperConfig,
+                              WhisperModel)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "llm")
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, image_size=56, patch_size=14)
+                      ).save_pretrained(tmp_path / "vision")
+    WhisperModel(WhisperConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=64,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+                 ).save_pretrained(tmp_path / "audio")
+    model = OmniModel.from_hf_folders(str(tmp_path / "llm"), str(tmp_path / "vision"), str(tmp_path / "audio"),
+                                      query_num=4, image_pad_id=61, video_pad_id=62, audio_pad_id=63).eval()
+    assert model.config.llm.hidden_size == 128 and model.config.vision.hidden_size == 64
+    assert model.resampler.kv_proj.weight.shape == (128, 64)
+    batch = make_batch(model.config)
+    model.freeze("vision", "audio")
+    model.save_pretrained(tmp_path / "omni", exclude=("vision", "audio"))
+    from safetensors import safe_open
+    with safe_open(tmp_path / "omni" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any(k.startswith(("vision_tower.", "audio_tower.")) for k in keys)
+    loaded = OmniModel.from_pretrained(str(tmp_path / "omni")).eval()
+    labels = batch["input_ids"].clone()
+    assert torch.equal(model(**batch, labels=labels)["loss"], loaded(**batch, labels=labels)["loss"])
