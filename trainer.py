@@ -153,7 +153,7 @@ def param_groups(model: torch.nn.Module, lr: float, lr_for: dict[str, float] | N
         decay = p.ndim >= 2 and "norm" not in name.lower()
         key = (prefix, decay)
         if key not in groups:
-            groups[key] = {"params": [], "name": prefix or "base", "lr": lr_for.get(prefix, lr),
+            groups[key] = {"params": [], "name": prefix.rstrip(".") or "base", "lr": lr_for.get(prefix, lr),
                            "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append((name, p))  # named params: the optimizer keeps group["param_names"]
     unused = [k for k in lr_for if not any(k == prefix for prefix, _ in groups)]
@@ -166,7 +166,8 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     """lr multiplier: linear warmup to 1 over `warmup` steps, then cosine down to `min_ratio` at the last step."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    peak = max(warmup, 1) - 1  # the last step at the full lr
+    progress = min(1.0, (step - peak) / max(1, total - 1 - peak))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -436,7 +437,7 @@ class Trainer:
             logger.log(logs, step=self.step)
         bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
         bar.write(f"step {self.step}/{self.total_steps} | " + " | ".join(
-            f"{k.split('/')[-1]} {v:.4g}" for k, v in logs.items()))
+            f"{k.removeprefix('train/').replace('/', '_')} {v:.4g}" for k, v in logs.items()))
 
     def on_step_end(self):
         """Hook called on every rank after each optimizer step (and its checkpoint, if any)."""

@@ -302,6 +302,15 @@ def ocr_lines(rng, lang, layout: str, test: bool) -> tuple[list[str], bool]:
     return ([SEP[lang].join(words)] if layout == "wide" else words), unseen
 
 
+def text_extent(lines: list[str], font: str, size: int, angle: float) -> tuple[int, int]:
+    """Width and height of the text block once rotated by `angle` degrees (used to fit the font size)."""
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox(
+        (0, 0), "\n".join(lines), font=load_font(font, size), spacing=4, align="center")
+    w, h, a = right - left, bottom - top, math.radians(angle)
+    return (math.ceil(w * abs(math.cos(a)) + h * abs(math.sin(a))),
+            math.ceil(w * abs(math.sin(a)) + h * abs(math.cos(a))))
+
+
 def gen_ocr(rng, lang, i, test):
     """Rendered text -> the text verbatim. Every 4th sample is the any-resolution variant (wide or tall image)."""
     layout = rng.choice(["wide", "tall"]) if i % 4 == 3 else "square"
@@ -327,3 +336,402 @@ def gen_ocr(rng, lang, i, test):
             "height": height, "font": font, "font_size": size, "text_color": color, "angle": angle,
             "background": spec["background"], "unseen": unseen, "answer": text}
     return [make_sample("ocr", lang, rng.choice(T.PROMPTS[lang]["ocr"]), text, meta, images=[spec])]
+
+
+def speech_spec(rng, lang: str, text: str, test: bool) -> dict:
+    """espeak-ng settings for one utterance; Chinese is spoken from its pinyin."""
+    return {"kind": "speech", "text": text if lang == "en" else T.to_pinyin(text), "voice": rng.choice(VOICES[lang]),
+            "speed": rng.choice(SPEEDS[test]), "pitch": rng.choice(PITCHES[test])}
+
+
+def asr_transcript(rng, lang: str, test: bool) -> tuple[str, bool]:
+    """A word, a set phrase, or a two-word combination (some combinations are test-only)."""
+    r = rng.random()
+    if lang == "en":
+        if r < 0.4:
+            return rng.choice(T.WORDS), False
+        if r < 0.55:
+            return rng.choice(T.PHRASES), False
+        if r < 0.8:
+            words, unseen = pick_combo(rng, test, lambda: [rng.choice(T.ADJECTIVES + T.COLOR_WORDS), rng.choice(T.NOUNS)])
+        else:
+            words, unseen = pick_combo(rng, test, lambda: [rng.choice(T.NUMBER_WORDS[2:13]),
+                                                           T.plural_noun(rng.choice(T.COUNTABLE))])
+        return " ".join(words), unseen
+    if r < 0.45:
+        return rng.choice(T.ZH_WORDS), False
+    if r < 0.65:
+        words, unseen = pick_combo(rng, test, lambda: [rng.choice(T.ZH_COLORS) + "的", rng.choice(T.ZH_THINGS)])
+    elif r < 0.8:
+        words, unseen = pick_combo(rng, test, lambda: [rng.choice(["大", "小"]), rng.choice(T.ZH_ANIMALS + T.ZH_THINGS)])
+    else:
+        def counted():
+            noun = rng.choice(T.ZH_ANIMALS + T.ZH_THINGS)
+            return [rng.choice(T.ZH_NUMBERS) + ("只" if noun in T.ZH_ANIMALS else "个"), noun]
+        words, unseen = pick_combo(rng, test, counted)
+    return "".join(words), unseen
+
+
+def gen_asr(rng, lang, i, test):
+    text, unseen = asr_transcript(rng, lang, test)
+    spec = speech_spec(rng, lang, text, test)
+    meta = {"transcript": text, "spoken": spec["text"], "voice": spec["voice"], "speed": spec["speed"],
+            "pitch": spec["pitch"], "sample_rate": SAMPLE_RATE, "unseen": unseen, "answer": text}
+    return [make_sample("asr", lang, rng.choice(T.PROMPTS[lang]["asr"]), text, meta, audios=[spec])]
+
+
+def gen_audio_qa(rng, lang, i, test):
+    """A scene question asked aloud: the model must listen to know what to look for."""
+    kind = list(ASK)[i % len(ASK)]
+    scene, q, ans, extra = ASK[kind](rng, lang)
+    spec = speech_spec(rng, lang, q, test)
+    meta = {"scene": scene, "question_type": kind, "transcript": q, "voice": spec["voice"], "speed": spec["speed"],
+            "pitch": spec["pitch"], "sample_rate": SAMPLE_RATE, **extra, "answer": ans}
+    return [make_sample("audio_qa", lang, "", ans, meta, images=[scene_spec(rng, scene)], audios=[spec])]
+
+
+def gen_video(rng, lang, i, test):
+    """Even i: one shape slides left/right/up/down past 0-2 still ones. Odd i: a new shape appears mid-clip."""
+    n = rng.randint(4, 8)
+    bg = {"kind": "speckle", "rgb": [255, 255, 255], "noise": 16}  # speckle keeps still frames distinct in the GIF
+    if i % 2 == 0:
+        direction = rng.choice(list(T.DIRECTIONS))
+        color, shape, size = rng.choice(list(T.COLORS)), rng.choice(list(T.SHAPES)), rng.choice(list(T.SIZES))
+        margin = math.ceil(1.2 * RADIUS[size]) + 2
+        dist = rng.randint(36, min(64, IMG - 2 * margin))
+        lo = rng.randint(margin, IMG - margin - dist)
+        start, end = (lo, lo + dist) if direction in ("right", "down") else (lo + dist, lo)
+        lane = rng.randrange(3)  # the row (or column) it travels along
+        across = int(IMG / 3 * (lane + 0.5)) + rng.randint(-2, 2)
+        horizontal = direction in ("left", "right")
+        track = []
+        for t in range(n):
+            p = round(start + (end - start) * t / (n - 1))
+            track.append(place(color, shape, size, *((p, across) if horizontal else (across, p))))
+        free = [c for c in range(9) if (c // 3 if horizontal else c % 3) != lane]
+        still = [random_object(rng, c, avoid={(color, shape)}) for c in sorted(rng.sample(free, rng.randint(0, 2)))]
+        frames = [still + [m] for m in track]
+        q = T.move_question(lang, rng, color, shape)
+        ans = T.answer(lang, direction if lang == "en" else T.DIRECTIONS[direction])
+        meta = {"kind": "move", "direction": direction, "object": track[0], "track": [m["box"] for m in track],
+                "objects": still}
+    else:
+        cells = rng.sample(range(9), rng.randint(2, 4))
+        still = [random_object(rng, c) for c in sorted(cells[1:])]
+        new = random_object(rng, cells[0], avoid={(o["color"], o["shape"]) for o in still})
+        k = rng.randint(1, n - 1)
+        frames = [still if t < k else sorted(still + [new], key=cell_index) for t in range(n)]
+        q = rng.choice(T.PROMPTS[lang]["appear"])
+        ans = T.a_obj(lang, new["color"], new["shape"])
+        meta = {"kind": "appear", "appear_frame": k, "object": new, "objects": still}
+    meta.update({"question": q, "fps": FPS, "num_frames": n, "width": IMG, "height": IMG, "background": bg,
+                 "answer": ans})
+    spec = {"kind": "video", "frames": frames, "fps": FPS, "background": bg, "seed": rng.getrandbits(31)}
+    return [make_sample("video", lang, q, ans, meta, videos=[spec])]
+
+
+def gen_multi_image(rng, lang, i, test):
+    """Two scenes, one difference (cycling colour change / added / removed); the changed object is unambiguous."""
+    change = ["color", "added", "removed"][i % 3]
+    new_color = None
+    while True:
+        scene = sample_scene(rng, 2 if change == "removed" else 1, 5)
+        objs = scene["objects"]
+        pairs = Counter((o["color"], o["shape"]) for o in objs)
+        if change == "added":
+            free = [c for c in range(9) if c not in {cell_index(o) for o in objs}]
+            target = random_object(rng, rng.choice(free), avoid=set(pairs))
+            after = sorted(objs + [target], key=cell_index)
+            break
+        unique = [o for o in objs if pairs[o["color"], o["shape"]] == 1]
+        if unique:
+            target = rng.choice(unique)
+            if change == "removed":
+                after = [o for o in objs if o is not target]
+            else:
+                new_color = rng.choice([c for c in T.COLORS if (c, target["shape"]) not in pairs])
+                after = [dict(o, color=new_color) if o is target else o for o in objs]
+            break
+    second = dict(scene, objects=after)
+    seed = rng.getrandbits(31)  # same background noise in both: the one object is the only difference
+    q = rng.choice(T.PROMPTS[lang]["multi_image"])
+    ans = T.difference_answer(lang, change, target["color"], target["shape"], new_color)
+    meta = {"scenes": [scene, second], "change": change, "object": target, "new_color": new_color, "question": q,
+            "answer": ans}
+    specs = [{"kind": "scene", "scene": scene, "seed": seed}, {"kind": "scene", "scene": second, "seed": seed}]
+    return [make_sample("multi_image", lang, q, ans, meta, images=specs)]
+
+
+def gen_think(rng, lang, i, test):
+    """A two-step question, written once with its reasoning in <think> and once answer-only (same image)."""
+    kind = ["more", "not", "or", "neighbor"][i % 4]
+    while True:
+        scene = sample_scene(rng, 3, 6)
+        objs = scene["objects"]
+        colors = Counter(o["color"] for o in objs)
+        if kind == "more":
+            c1 = rng.choice(sorted(colors))
+            fewer = [c for c in T.COLORS if colors[c] < colors[c1]]
+            if fewer:
+                c2 = rng.choice(fewer)
+                q, chain, ans = T.think_more(lang, c1, colors[c1], c2, colors[c2])
+                break
+        elif kind == "not":
+            c = rng.choice([o["color"] for o in objs])
+            q, chain, ans = T.think_not(lang, c, len(objs), colors[c])
+            break
+        elif kind == "or":
+            c1, c2 = rng.sample(list(T.COLORS), 2)
+            if colors[c1] + colors[c2]:
+                q, chain, ans = T.think_or(lang, c1, colors[c1], c2, colors[c2])
+                break
+        else:
+            shapes = Counter(o["shape"] for o in objs)
+            at = {tuple(o["cell"]): o for o in objs}
+            options = [(o, step) for o in objs if shapes[o["shape"]] == 1 for step in T.NEIGHBORS
+                       if (o["cell"][0] + step[0], o["cell"][1] + step[1]) in at]
+            if options:
+                anchor, step = rng.choice(options)
+                other = at[anchor["cell"][0] + step[0], anchor["cell"][1] + step[1]]
+                q, chain, ans = T.think_neighbor(lang, step, anchor, other)
+                break
+    spec = scene_spec(rng, scene)
+    meta = {"scene": scene, "question": q, "kind": kind, "reasoning": chain, "answer": ans}
+    return [make_sample("think", lang, q, f"<think>\n{chain}\n</think>\n\n{ans}", meta, images=[spec], thinking=True),
+            make_sample("think", lang, q, ans, dict(meta), images=[spec], thinking=False)]
+
+
+GENERATORS = {"caption": gen_caption, **{t: gen_scene_qa(t) for t in ASK}, "ocr": gen_ocr, "asr": gen_asr,
+              "audio_qa": gen_audio_qa, "video": gen_video, "multi_image": gen_multi_image, "think": gen_think}
+
+
+def signatures(sample: dict) -> list[str]:
+    """What 'the same example' means for the held-out check: a scene is its set of (cell, colour, shape, size)
+    whatever the task; a rendering is its text with font or voice settings."""
+    m = sample["meta"]
+
+    def objects(objs):
+        return sorted([cell_index(o), o["color"], o["shape"], o["size"]] for o in objs)
+
+    if sample["task"] == "ocr":
+        return ["ocr:" + json.dumps([m["text"], m["font"], m["font_size"], m["angle"], m["layout"]], ensure_ascii=False)]
+    if sample["task"] == "asr":
+        return ["asr:" + json.dumps([m["transcript"], m["voice"], m["speed"], m["pitch"]], ensure_ascii=False)]
+    if sample["task"] == "video":
+        return ["video:" + json.dumps([m["kind"], objects(m["objects"]), objects([m["object"]]), m.get("direction")])]
+    scenes = m["scenes"] if "scenes" in m else [m["scene"]]
+    return ["scene:" + json.dumps(objects(s["objects"])) for s in scenes]
+
+
+def generate(task: str, lang: str, n: int, rng: random.Random, test: bool, exclude: set) -> list[dict]:
+    """n draws of a task (a draw is 1 sample, 2 for think); a draw that repeats a training scene is redrawn."""
+    out = []
+    for i in range(n):
+        while True:
+            drafts = GENERATORS[task](rng, lang, i, test)
+            if not any(sig in exclude for sig in signatures(drafts[0])):
+                break
+        out += drafts
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering: spec -> file. Runs in worker processes; everything random comes from the spec's seed.
+# ---------------------------------------------------------------------------------------------------------------------
+def add_noise(img: Image.Image, bg: dict, rng: np.random.Generator) -> Image.Image:
+    """'noise': light Gaussian pixel noise; 'speckle': sparse light-grey dots."""
+    if bg["kind"] not in ("noise", "speckle"):
+        return img
+    arr = np.asarray(img, dtype=np.int16).copy()  # [H, W, 3]
+    if bg["kind"] == "noise":
+        arr += np.round(rng.normal(0, bg["noise"], arr.shape)).astype(np.int16)
+    else:
+        dots = rng.random(arr.shape[:2]) < 0.06  # [H, W]
+        arr[dots] -= rng.integers(4, bg["noise"], int(dots.sum()), dtype=np.int16)[:, None]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def draw_objects(objects: list[dict], width: int, height: int, bg: dict, rng: np.random.Generator) -> Image.Image:
+    big = Image.new("RGB", (width * SUPERSAMPLE, height * SUPERSAMPLE), tuple(bg["rgb"]))
+    draw = ImageDraw.Draw(big)
+    for o in objects:
+        pts = shape_points(o["shape"], *o["center"], RADIUS[o["size"]])
+        draw.polygon([(x * SUPERSAMPLE, y * SUPERSAMPLE) for x, y in pts], fill=T.COLORS[o["color"]][0])
+    return add_noise(big.resize((width, height), Image.Resampling.BOX), bg, rng)
+
+
+def render_text(spec: dict, rng: np.random.Generator) -> Image.Image:
+    """Text drawn on a mask, rotated, then pasted in its colour (so rotation never leaves a box behind)."""
+    font = load_font(spec["font"], spec["font_size"])
+    text = "\n".join(spec["lines"])
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox(
+        (0, 0), text, font=font, spacing=4, align="center")
+    mask = Image.new("L", (math.ceil(right - left) + 8, math.ceil(bottom - top) + 8), 0)
+    ImageDraw.Draw(mask).multiline_text((4 - left, 4 - top), text, font=font, fill=255, spacing=4, align="center")
+    mask = mask.rotate(spec["angle"], resample=Image.Resampling.BICUBIC, expand=True)
+    canvas = Image.new("RGB", (spec["width"], spec["height"]), tuple(spec["background"]["rgb"]))
+    x = (spec["width"] - mask.width) // 2 + spec["offset"][0]
+    y = (spec["height"] - mask.height) // 2 + spec["offset"][1]
+    canvas.paste(Image.new("RGB", mask.size, tuple(spec["color"])), (x, y), mask)
+    return add_noise(canvas, spec["background"], rng)
+
+
+@lru_cache(maxsize=None)
+def resampler(orig_rate: int):
+    """torchaudio's windowed-sinc resampler with its kernel built once per process (building it costs more than
+    applying it)."""
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig_rate, SAMPLE_RATE)
+
+
+def synth_speech(spec: dict, path: str) -> None:
+    """espeak-ng (22.05 kHz) -> 16 kHz mono, silence trimmed to 50 ms / 100 ms, peak 0.9, 16-bit wav."""
+    import soundfile as sf
+    import torch
+
+    cmd = ["espeak-ng", "-v", spec["voice"], "-s", str(spec["speed"]), "-p", str(spec["pitch"]), "--stdout",
+           spec["text"]]
+    wav, sr = sf.read(io.BytesIO(subprocess.run(cmd, capture_output=True, check=True).stdout), dtype="float32")
+    with torch.no_grad():
+        wav = resampler(sr)(torch.from_numpy(wav)).numpy()  # [S]
+    loud = np.flatnonzero(np.abs(wav) > 0.02 * np.abs(wav).max())
+    wav = wav[max(0, loud[0] - SAMPLE_RATE // 20): loud[-1] + SAMPLE_RATE // 10]
+    sf.write(path, 0.9 * wav / np.abs(wav).max(), SAMPLE_RATE, subtype="PCM_16")
+
+
+@lru_cache(maxsize=None)
+def gif_palette() -> Image.Image:
+    """A fixed palette (greys + each colour blended with white) so every GIF frame quantizes the same way."""
+    colors = [(g, g, g) for g in range(0, 256, 8)] + [(255, 255, 255)]
+    colors += [tuple(round(255 + (c - 255) * k / 8) for c in rgb) for rgb, _ in T.COLORS.values() for k in range(1, 9)]
+    pal = Image.new("P", (1, 1))
+    pal.putpalette([v for c in colors for v in c] + [0] * 3 * (256 - len(colors)))
+    return pal
+
+
+def render_video(spec: dict, path: str) -> None:
+    frames = [draw_objects(objs, IMG, IMG, spec["background"], np.random.default_rng([spec["seed"], t]))
+              .quantize(palette=gif_palette(), dither=Image.Dither.NONE) for t, objs in enumerate(spec["frames"])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000 // spec["fps"], loop=0)
+    with Image.open(path) as gif:  # Pillow merges identical consecutive frames: make sure none were
+        if gif.n_frames != len(frames):
+            raise RuntimeError(f"{path}: wrote {len(frames)} frames, GIF holds {gif.n_frames}")
+
+
+def render(job: tuple[str, dict]) -> None:
+    path, spec = job
+    rng = np.random.default_rng(spec.get("seed", 0))
+    if spec["kind"] == "scene":
+        s = spec["scene"]
+        draw_objects(s["objects"], s["width"], s["height"], s["background"], rng).save(path)
+    elif spec["kind"] == "text":
+        render_text(spec, rng).save(path)
+    elif spec["kind"] == "speech":
+        synth_speech(spec, path)
+    else:
+        render_video(spec, path)
+
+
+def _init_worker() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"  # one core per worker; torch (resampling) is imported after this
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------------------------------------------
+def assign_paths(samples: list[dict], split: str) -> dict[str, dict]:
+    """Give samples their ids and media paths; returns the render jobs {path: spec}.
+
+    Images and clips are named after the sample (img/sft-000123.png); speech after its settings
+    (wav/tts-<hash>.wav), so identical espeak requests (a spoken question asked twice) are synthesised once.
+    """
+    jobs = {}
+    for k, s in enumerate(samples):
+        s["id"] = f"{split}-{k:06d}"
+        for key, folder, ext in (("images", "img", "png"), ("videos", "video", "gif"), ("audios", "wav", "wav")):
+            for j, spec in enumerate(s[key]):
+                if "path" not in spec:  # a spec shared by two samples (think pairs) keeps its first path
+                    if key == "audios":
+                        h = hashlib.sha1(json.dumps([spec[f] for f in ("text", "voice", "speed", "pitch")]).encode())
+                        spec["path"] = f"wav/tts-{h.hexdigest()[:16]}.wav"
+                    else:
+                        spec["path"] = f"{folder}/{s['id']}{f'-{j + 1}' if len(s[key]) > 1 else ''}.{ext}"
+                jobs[spec["path"]] = spec
+            s[key] = [spec["path"] for spec in s[key]]
+    return jobs
+
+
+def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: int | None = None) -> dict:
+    """Build ToyWorld into `out`; returns {split: Counter((task, lang))}."""
+    t0 = time.time()
+    langs = [l for l in (langs.split(",") if isinstance(langs, str) else langs) if l]
+    if not set(langs) <= {"en", "zh"} or size not in COUNTS:
+        raise ValueError(f"langs must be a subset of en,zh (got {langs}); size one of {list(COUNTS)} (got {size})")
+    check_tools(langs)
+    samples, jobs, train_signatures = {}, {}, set()
+    for split in SPLITS:
+        test = split == "test"
+        stream = seed + TEST_SEED_OFFSET if test else seed
+        samples[split] = []
+        for task, n in COUNTS[size][split].items():
+            for lang in langs:
+                rng = random.Random(f"toyworld/{stream}/{split}/{task}/{lang}")
+                samples[split] += generate(task, lang, n, rng, test, train_signatures if test else set())
+        if not test:
+            train_signatures |= {sig for s in samples[split] for sig in signatures(s)}
+        jobs.update(assign_paths(samples[split], split))
+        if not test:  # training files in random order; the test file stays grouped by task
+            random.Random(f"toyworld/{seed}/{split}/order").shuffle(samples[split])
+
+    for folder in ("img", "wav", "video"):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+    todo = [(os.path.join(out, path), spec) for path, spec in sorted(jobs.items())]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        for job in todo:
+            render(job)
+    else:
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+            for _ in pool.imap_unordered(render, todo, chunksize=8):
+                pass
+
+    paths = []
+    for split in SPLITS:
+        paths.append(os.path.join(out, f"{split}.jsonl"))
+        with open(paths[-1], "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples[split])
+    from dataset.tokenizer import train_tokenizer
+    train_tokenizer(paths, os.path.join(out, "tokenizer"))
+
+    stats = {split: Counter((s["task"], s["lang"]) for s in samples[split]) for split in SPLITS}
+    print_stats(stats, langs)
+    print(f"built {len(jobs)} media files in {time.time() - t0:.1f} s with {workers} worker(s) -> {out}")
+    return stats
+
+
+def print_stats(stats: dict, langs: list[str]) -> None:
+    columns = [(split, lang) for split in SPLITS for lang in langs]
+    print(f"{'task':<12}" + "".join(f"{split + ('/' + lang if len(langs) > 1 else ''):>14}" for split, lang in columns))
+    for task in TASKS:
+        print(f"{task:<12}" + "".join(f"{stats[split][task, lang]:>14}" for split, lang in columns))
+    print(f"{'total':<12}" + "".join(f"{sum(v for (_, l), v in stats[split].items() if l == lang):>14}"
+                                     for split, lang in columns))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=list(COUNTS), default="full")
+    p.add_argument("--langs", default="en", help="comma-separated: en, zh")
+    p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
+    args = p.parse_args()
+    try:
+        build(args.out, args.seed, args.size, args.langs, args.workers)
+    except MissingDependency as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,8 @@ def conversation_messages(sample: dict) -> list[dict]:
     turns = sample.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise SampleError("bad_structure", "'conversations' must be a non-empty list")
+    if not isinstance(sample.get("system") or "", str):
+        raise SampleError("bad_structure", "'system' must be a string")
     messages = [{"role": "system", "content": sample["system"]}] if sample.get("system") else []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant") \
@@ -51,7 +53,7 @@ def conversation_messages(sample: dict) -> list[dict]:
 
 
 def count_markers(messages: list[dict]) -> dict[str, int]:
-    text = "".join(m["content"] for m in messages)
+    text = "\n".join(m["content"] for m in messages)
     return {kind: text.count(marker) for kind, marker in MARKERS.items()}
 
 
@@ -93,8 +95,8 @@ def render_pieces(messages: list[dict], thinking: bool = False) -> list[tuple[st
 
 def render_prompt(messages: list[dict], enable_thinking: bool = False) -> str:
     """Inference prompt: the history, then the assistant header (+ the empty think block when thinking is off)."""
-    text = "".join(t for t, _ in render_pieces(messages)) if messages else ""
-    return text + "<|im_start|>assistant\n" + ("" if enable_thinking else EMPTY_THINK)
+    history = "".join(t for t, _ in render_pieces(messages))
+    return history + "<|im_start|>assistant\n" + ("" if enable_thinking else EMPTY_THINK)
 
 
 def expand_markers(messages: list[dict], media_expansions: dict[str, list[str]]) -> list[dict]:

@@ -28,10 +28,12 @@ class OmniDataset(Dataset):
         self.skipped = Counter()
         self.records = []   # (line number, sample) of the samples that passed the structural checks
         self.lengths = []   # cheap token-count estimate per record, for length grouping
+        self.num_lines = 0
         with open(jsonl_path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                self.num_lines += 1
                 try:
                     sample = self._parse(line)
                 except SampleError as e:
@@ -58,8 +60,8 @@ class OmniDataset(Dataset):
         return sample
 
     def _estimate_length(self, sample: dict) -> int:
-        """Tokens, roughly: ~3 characters per text token, one query_num block per image / video, 10 per audio s
-        unknown so a flat 100. Only used to batch similar lengths together."""
+        """Rough token count, only for batching similar lengths: ~3 characters per token, query_num per image or
+        video, a flat 100 per audio (its duration is unknown until it is loaded)."""
         chars = sum(len(t["content"]) for t in sample["conversations"]) + len(sample.get("system") or "")
         media = len(sample.get("images") or []) + len(sample.get("videos") or [])
         return chars // 3 + media * self.config.query_num + 100 * len(sample.get("audios") or [])
@@ -72,15 +74,16 @@ class OmniDataset(Dataset):
         warnings.warn(f"{where}: skipped sample ({error.reason}): {error.detail}", stacklevel=2)
 
     def summary(self) -> str:
-        total = len(self.records) + sum(self.skipped[r] for r in ("invalid_json", "bad_structure", "empty_turn",
-                                                                   "no_assistant", "marker_mismatch"))
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{self.path}: {len(self.records)} of {total} samples passed the read-time checks; skipped: {reasons}"
+        return (f"{self.path}: {self.num_lines} lines, {len(self.records)} samples passed the read-time checks; "
+                f"skipped {sum(self.skipped.values())} ({reasons})")
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict | None:
+        """-> {input_ids [T], labels [T], + this sample's media (lists of tensors that collate pads)}, or None
+        when the sample has to be skipped."""
         lineno, sample = self.records[index]
         try:
             return self._load(sample)
@@ -94,39 +97,50 @@ class OmniDataset(Dataset):
             raise SampleError("missing_media", f"{rel} not found (paths are relative to the jsonl file)")
         return path
 
+    def _images(self, paths: list[str]):
+        """-> ({pixel_values: [3, h, w] overview then slices per image, image_grid_hw Long[n, 2]}, placeholders)."""
+        loaded = [image_inputs(load_image(self._media_path(p)), self.config) for p in paths]
+        if not loaded:
+            return {}, []
+        return ({"pixel_values": [t for item in loaded for t in item[0]],
+                 "image_grid_hw": torch.cat([item[1] for item in loaded])}, [item[2] for item in loaded])
+
+    def _audios(self, paths: list[str]):
+        """-> ({audio_features: [80, t <= 3000] chunks, audio_feature_lens Long[n]}, placeholders)."""
+        chunks, texts = [], []
+        for p in paths:
+            mels, n_tokens = audio_features(self._media_path(p), self.config)
+            if n_tokens == 0:
+                raise SampleError("unreadable_media", f"{p} is too short to give one audio token")
+            chunks += mels
+            texts.append(audio_placeholder(n_tokens))
+        if not chunks:
+            return {}, []
+        lens = torch.tensor([c.shape[-1] for c in chunks], dtype=torch.long)
+        return {"audio_features": chunks, "audio_feature_lens": lens}, texts
+
+    def _videos(self, paths: list[str]):
+        """-> ({video_pixel_values: [3, H, W] frames, video_grid_hw, video_temporal_ids, video_group_sizes},
+        placeholders)."""
+        loaded = [video_inputs(self._media_path(p), self.config) for p in paths]
+        if not loaded:
+            return {}, []
+        return ({"video_pixel_values": [f for item in loaded for f in item[0]],
+                 "video_grid_hw": torch.cat([item[1] for item in loaded]),
+                 "video_temporal_ids": torch.cat([item[2] for item in loaded]),
+                 "video_group_sizes": torch.cat([item[3] for item in loaded])}, [item[4] for item in loaded])
+
     def _load(self, sample: dict) -> dict:
-        cfg, out, expansions = self.config, {}, {"image": [], "audio": [], "video": []}
+        out, expansions = {}, {}
         try:
-            slices, grids = [], []
-            for rel in sample.get("images") or []:
-                tensors, grid_hw, text = image_inputs(load_image(self._media_path(rel)), cfg)
-                slices += tensors
-                grids.append(grid_hw)
-                expansions["image"].append(text)
-            if slices:
-                out.update(pixel_values=slices, image_grid_hw=torch.cat(grids))
-            chunks = []
-            for rel in sample.get("audios") or []:
-                mels, n_tokens = audio_features(self._media_path(rel), cfg)
-                if n_tokens == 0:
-                    raise SampleError("unreadable_media", f"{rel} is too short to give one audio token")
-                chunks += mels
-                expansions["audio"].append(audio_placeholder(n_tokens))
-            if chunks:
-                out.update(audio_features=chunks,
-                           audio_feature_lens=torch.tensor([c.shape[-1] for c in chunks], dtype=torch.long))
-            videos = [video_inputs(self._media_path(rel), cfg) for rel in sample.get("videos") or []]
-            expansions["video"] = [v[4] for v in videos]
-            if videos:
-                out.update(video_pixel_values=[f for v in videos for f in v[0]],
-                           video_grid_hw=torch.cat([v[1] for v in videos]),
-                           video_temporal_ids=torch.cat([v[2] for v in videos]),
-                           video_group_sizes=torch.cat([v[3] for v in videos]))
+            for kind, load in (("image", self._images), ("audio", self._audios), ("video", self._videos)):
+                tensors, expansions[kind] = load(sample.get(MEDIA_KEYS[kind]) or [])
+                out.update(tensors)
         except SampleError:
             raise
         except Exception as e:  # PIL, soundfile, PyAV all raise their own types for a broken file
             raise SampleError("unreadable_media", f"{type(e).__name__}: {e}") from e
-        input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)
+        input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)  # [T], [T]
         if len(input_ids) > self.max_length:
             raise SampleError("too_long", f"{len(input_ids)} tokens > max_length {self.max_length}")
         return dict(out, input_ids=input_ids, labels=labels)

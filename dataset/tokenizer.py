@@ -32,10 +32,10 @@ def _conversation_texts(jsonl_paths: list[str]):
                     sample = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the dataset reports bad lines; the tokenizer just learns from the good ones
-                turns = list(sample.get("conversations", []))
-                turns += [t for key in ("chosen", "rejected") if isinstance(sample.get(key), dict)
-                          for t in [sample[key]]]
-                texts = [sample.get("system") or ""] + [t.get("content", "") for t in turns if isinstance(t, dict)]
+                if not isinstance(sample, dict):
+                    continue
+                turns = list(sample.get("conversations") or []) + [sample.get("chosen"), sample.get("rejected")]
+                texts = [sample.get("system")] + [t.get("content") if isinstance(t, dict) else t for t in turns]
                 for text in texts:
                     if isinstance(text, str) and text:
                         yield _SPECIAL_RE.sub(" ", text)
