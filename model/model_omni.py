@@ -459,3 +459,32 @@ class OmniModel(nn.Module):
         for component, folder in (("llm", llm), ("vision", vision), ("audio", audio)):
             model.load_tower(component, folder)
         return model
+
+    # ---- chat
+    def chat(self, processor, question: str | list[dict], images=(), audios=(), videos=(), enable_thinking=False,
+             stream=False, max_new_tokens=128, **sampling):
+        """One answer to a question (or a full message list). Media markers are added for a plain question.
+
+        stream=True returns an iterator of text pieces as they are generated; otherwise the whole answer."""
+        if isinstance(question, str):
+            markers = "".join(["<image>\n"] * len(images) + ["<video>\n"] * len(videos) + ["<audio>\n"] * len(audios))
+            question = [{"role": "user", "content": markers + question}]
+        device = next(self.parameters()).device
+        batch = {k: v.to(device) for k, v in processor(question, images, audios, videos, enable_thinking).items()}
+        steps = self.stream_generate(**batch, max_new_tokens=max_new_tokens, stop_ids=processor.stop_ids, **sampling)
+        pieces = self._decode_stream(steps, processor.tokenizer, set(processor.stop_ids))
+        return pieces if stream else "".join(pieces)
+
+    @staticmethod
+    def _decode_stream(steps, tokenizer, stop_ids: set[int]):
+        """Token ids -> text deltas; decodes the whole answer so far so multi-byte characters come out whole."""
+        ids, shown = [], ""
+        for step in steps:
+            token = int(step[0])
+            if token in stop_ids:
+                break
+            ids.append(token)
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            if not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text

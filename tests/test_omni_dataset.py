@@ -1,4 +1,5 @@
 """OmniDataset on real tiny media files: collate shapes, placeholder counts, bad-line handling, length grouping."""
+import copy
 import json
 import math
 from functools import partial
@@ -181,3 +182,21 @@ def test_dataloader_with_length_grouped_sampler(world):
     loader = torch.utils.data.DataLoader(ds, batch_sampler=LengthGroupedBatchSampler(ds.lengths, 2, seed=0),
                                          collate_fn=partial(collate, pad_id=tok.pad_token_id))
     assert sum(batch["input_ids"].shape[0] for batch in loader) == 5
+
+
+def test_chat_streams_the_same_answer_as_one_shot(world):
+    """Inference path: processor -> OmniModel.chat with an image, an audio and a video; streaming == one shot."""
+    from dataset.processor import OmniProcessor
+    from model.model_omni import OmniModel
+    root, tok, cfg = world
+    cfg = copy.deepcopy(cfg)
+    cfg.llm.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = OmniModel(cfg).eval()
+    proc = OmniProcessor(tok, cfg)
+    media = dict(images=[str(root / "wide.png")], audios=[str(root / "tone.wav")], videos=[str(root / "clip.gif")])
+    whole = model.chat(proc, "What is this?", max_new_tokens=12, **media)
+    pieces = list(model.chat(proc, "What is this?", max_new_tokens=12, stream=True, **media))
+    assert isinstance(whole, str) and len(pieces) >= 1 and "".join(pieces) == whole
+    batch = proc([user("<image>\nHi")], images=[str(root / "wide.png")])
+    assert int((batch["input_ids"] == cfg.image_pad_id).sum()) == 4 * cfg.query_num  # overview + 3 slices

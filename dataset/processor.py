@@ -1,0 +1,54 @@
+"""Inference-side preprocessing: one conversation + its media -> a model batch (the same rules as training)."""
+import torch
+from PIL import Image
+
+from dataset.chat import build_prompt
+from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
+from dataset.omni_dataset import collate
+from dataset.tokenizer import load_tokenizer
+
+
+class OmniProcessor:
+    """Holds the tokenizer and the model config; turns (messages, images, audios, videos) into a batch."""
+
+    def __init__(self, tokenizer, config):
+        self.tokenizer, self.config = tokenizer, config
+
+    @staticmethod
+    def from_pretrained(tokenizer_dir: str, config) -> "OmniProcessor":
+        return OmniProcessor(load_tokenizer(tokenizer_dir), config)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+    def __call__(self, messages: list[dict], images=(), audios=(), videos=(), enable_thinking=False) -> dict:
+        """messages use <image>/<audio>/<video> markers in order; images are PIL images or paths, audios are paths
+        or 16 kHz mono waveforms, videos are GIF/WebP/mp4 paths or frame folders."""
+        sample, expansions = {}, {"image": [], "audio": [], "video": []}
+        for img in images:
+            tensors, grid_hw, text = image_inputs(img if isinstance(img, Image.Image) else load_image(img), self.config)
+            sample.setdefault("pixel_values", []).extend(tensors)
+            sample.setdefault("image_grid_hw", []).append(grid_hw)
+            expansions["image"].append(text)
+        for audio in audios:
+            chunks, n_tokens = audio_features(audio, self.config)
+            sample.setdefault("audio_features", []).extend(chunks)
+            sample.setdefault("audio_feature_lens", []).extend(torch.tensor([c.shape[-1]]) for c in chunks)
+            expansions["audio"].append(audio_placeholder(n_tokens))
+        for video in videos:
+            frames, grid_hw, temporal_ids, group_sizes, text = video_inputs(video, self.config)
+            sample.setdefault("video_pixel_values", []).extend(frames)
+            for key, value in (("video_grid_hw", grid_hw), ("video_temporal_ids", temporal_ids),
+                               ("video_group_sizes", group_sizes)):
+                sample.setdefault(key, []).append(value)
+            expansions["video"].append(text)
+        for key in ("image_grid_hw", "audio_feature_lens", "video_grid_hw", "video_temporal_ids", "video_group_sizes"):
+            if key in sample:
+                sample[key] = torch.cat(sample[key])
+        ids = build_prompt(messages, self.tokenizer, enable_thinking, expansions)
+        sample["input_ids"] = torch.tensor(ids, dtype=torch.long)
+        sample["labels"] = torch.full_like(sample["input_ids"], -100)
+        batch = collate([sample], pad_id=self.tokenizer.pad_token_id)
+        batch.pop("labels")
+        return batch
