@@ -23,7 +23,15 @@ class OmniProcessor:
         return [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
     def __call__(self, messages: list[dict], images=(), audios=(), videos=(), enable_thinking=False) -> dict:
-        """messages use <image>/<audio>/<video> markers in order; images are PIL images or paths, audios are paths
+        """-> a batch of one prompt (what OmniModel.generate takes)."""
+        batch = collate([self.sample(messages, images, audios, videos, enable_thinking)], self.tokenizer.pad_token_id)
+        batch.pop("labels")
+        return batch
+
+    def sample(self, messages: list[dict], images=(), audios=(), videos=(), enable_thinking=False) -> dict:
+        """One prompt in the dataset's sample format (collate several for a batch).
+
+        messages use <image>/<audio>/<video> markers in order; images are PIL images or paths, audios are paths
         or 16 kHz mono waveforms, videos are GIF/WebP/mp4 paths or frame folders."""
         sample, expansions = {}, {"image": [], "audio": [], "video": []}
         for img in images:
@@ -49,6 +57,4 @@ class OmniProcessor:
         ids = build_prompt(messages, self.tokenizer, enable_thinking, expansions)
         sample["input_ids"] = torch.tensor(ids, dtype=torch.long)
         sample["labels"] = torch.full_like(sample["input_ids"], -100)
-        batch = collate([sample], pad_id=self.tokenizer.pad_token_id)
-        batch.pop("labels")
-        return batch
+        return sample

@@ -1,0 +1,173 @@
+"""Chat with a checkpoint, or score it on a held-out benchmark.
+
+    python eval_omni.py --ckpt out/sft --image a.png --audio q.wav --video clip.gif "What is in the picture?"
+    python eval_omni.py --ckpt out/sft --bench data/toyworld/test.jsonl --out results.json
+
+Benchmark metrics: exact match (after normalising case, spaces and final punctuation, and dropping any
+<think> block) for the short-answer tasks; character accuracy = 1 - CER for the transcription tasks.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import unicodedata
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+from dataset.chat import conversation_messages
+from dataset.omni_dataset import collate
+from dataset.processor import OmniProcessor
+from model.model_omni import OmniModel
+
+CHAR_TASKS = {"ocr", "asr"}  # scored by 1 - CER; every other task by exact match
+
+
+# ----------------------------------------------------------------------------- metrics
+def strip_think(text: str) -> str:
+    return re.sub(r"<think>.*?</think>", "", text, flags=re.S).strip()
+
+
+def normalize(text: str) -> str:
+    """Lower case, NFKC (full-width -> ASCII), collapse spaces, drop trailing punctuation ('Red.' == 'red')."""
+    text = unicodedata.normalize("NFKC", strip_think(text)).lower()
+    return re.sub(r"\s+", " ", text).strip().rstrip(".。!！?？ ")
+
+
+def edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def char_accuracy(prediction: str, reference: str) -> float:
+    """1 - CER on normalised text, floored at 0 (a long hallucination cannot go negative)."""
+    pred, ref = normalize(prediction), normalize(reference)
+    return max(0.0, 1.0 - edit_distance(pred, ref) / max(1, len(ref)))
+
+
+def score(task: str, prediction: str, reference: str) -> float:
+    if task in CHAR_TASKS:
+        return char_accuracy(prediction, reference)
+    return float(normalize(prediction) == normalize(reference))
+
+
+# ----------------------------------------------------------------------------- batched generation
+def left_pad(batch: dict) -> dict:
+    """Generation appends on the right, so each prompt row is rolled to end at the last column."""
+    mask = batch["attention_mask"]
+    shifts = mask.shape[1] - mask.sum(1)
+    idx = (torch.arange(mask.shape[1])[None] - shifts[:, None]) % mask.shape[1]  # [B, T]
+    return dict(batch, input_ids=batch["input_ids"].gather(1, idx), attention_mask=mask.gather(1, idx))
+
+
+def bench_prompts(path: str, tasks: set[str] | None, limit: int | None):
+    """(sample, messages without the final answer, reference answer) for every benchmark line."""
+    root = os.path.dirname(os.path.abspath(path))
+    per_task = defaultdict(int)
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            sample = json.loads(line)
+            task = sample.get("task", "unknown")
+            if (tasks and task not in tasks) or (limit and per_task[task] >= limit):
+                continue
+            per_task[task] += 1
+            messages = conversation_messages(sample)
+            media = {k: [os.path.join(root, p) for p in sample.get(k) or []] for k in ("images", "audios", "videos")}
+            yield sample, messages[:-1], messages[-1]["content"], media
+
+
+@torch.no_grad()
+def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max_new_tokens=48):
+    """-> (results {"tasks": {task: {metric, value, n}}}, per-sample records)."""
+    device = next(model.parameters()).device
+    items = list(bench_prompts(path, tasks, limit))
+    records, stop = [], processor.stop_ids
+    for start in tqdm(range(0, len(items), batch_size), desc="bench", disable=not sys.stderr.isatty()):
+        chunk = items[start:start + batch_size]
+        singles = [processor.sample(prompt, media["images"], media["audios"], media["videos"],
+                                    enable_thinking=bool(sample.get("thinking", False)))
+                   for sample, prompt, _, media in chunk]
+        batch = left_pad(collate(singles, processor.tokenizer.pad_token_id))
+        batch.pop("labels")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, stop_ids=stop)
+        for (sample, _, reference, _), ids in zip(chunk, out.tolist()):
+            ids = ids[:ids.index(stop[0])] if stop[0] in ids else ids
+            prediction = processor.tokenizer.decode(ids, skip_special_tokens=False)
+            for s in stop:
+                prediction = prediction.split(processor.tokenizer.convert_ids_to_tokens(s))[0]
+            task = sample.get("task", "unknown")
+            records.append({"id": sample.get("id"), "task": task, "prediction": prediction, "reference": reference,
+                            "score": score(task, prediction, reference)})
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r["score"])
+    results = {"tasks": {task: {"metric": "char_acc" if task in CHAR_TASKS else "exact_match",
+                                "value": sum(v) / len(v), "n": len(v)} for task, v in sorted(by_task.items())}}
+    return results, records
+
+
+def print_table(results: dict):
+    print(f"{'task':<14}{'metric':<13}{'value':>8}{'n':>6}")
+    for task, r in results["tasks"].items():
+        print(f"{task:<14}{r['metric']:<13}{r['value']:>8.3f}{r['n']:>6}")
+
+
+def load(ckpt: str, tokenizer: str | None, device: str):
+    model = OmniModel.from_pretrained(ckpt, device=device).eval()
+    return model, OmniProcessor.from_pretrained(tokenizer or ckpt, model.config)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="folder written by a training stage (config.json + weights)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint folder)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--audio", action="append", default=[])
+    p.add_argument("--video", action="append", default=[], help="GIF/WebP, a folder of frames, or mp4 (needs PyAV)")
+    p.add_argument("--think", action="store_true", help="let the model think (<think>...</think>) before answering")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--bench", help="jsonl to score (e.g. data/toyworld/test.jsonl)")
+    p.add_argument("--out", help="where to write the benchmark results json")
+    p.add_argument("--tasks", help="comma-separated subset of tasks")
+    p.add_argument("--limit", type=int, help="at most this many samples per task")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("question", nargs="?")
+    args = p.parse_args(argv)
+    if not os.path.exists(os.path.join(args.ckpt, "config.json")):
+        sys.exit(f"no checkpoint at {args.ckpt}: train one with `bash scripts/demo.sh` (writes out/demo/sft)")
+    model, processor = load(args.ckpt, args.tokenizer, args.device)
+    if args.bench:
+        t0 = time.time()
+        results, records = run_bench(model, processor, args.bench, args.batch_size,
+                                     set(args.tasks.split(",")) if args.tasks else None, args.limit)
+        print_table(results)
+        print(f"scored {len(records)} samples in {time.time() - t0:.0f} s")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+            with open(os.path.splitext(args.out)[0] + ".samples.jsonl", "w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        return results
+    if not args.question:
+        p.error("give a question (or --bench)")
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    for piece in model.chat(processor, args.question, args.image, args.audio, args.video, enable_thinking=args.think,
+                            stream=True, max_new_tokens=args.max_new_tokens, **sampling):
+        print(piece, end="", flush=True)
+    print()
+
+
+if __name__ == "__main__":
+    main()
