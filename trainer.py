@@ -9,7 +9,8 @@ micro-batch, e.g. length-grouped): the same for every rank, run and world size. 
 position `pos` counts the micro-batches already consumed. Rank r of W takes micro-batches pos+r, pos+r+W, ...;
 one optimizer step consumes grad_accum * W of them. Checkpoints store (epoch, pos), so `--resume` continues at
 exactly the next micro-batch even if W changed: no sample is skipped or repeated, but the effective batch per
-optimizer step (grad_accum * W micro-batches) and the number of steps left change with W.
+optimizer step (grad_accum * W micro-batches) and the number of steps left change with W. DataLoader workers
+are re-created on resume, so random augmentation should be drawn from (seed, epoch, index), not a global RNG.
 
 Empty micro-batches. A rank can be left without data: past the end of the epoch (the last step's micro-batches
 do not divide evenly over the ranks) or when the collate drops every sample and returns None. Every rank still
@@ -156,7 +157,7 @@ def param_groups(model: torch.nn.Module, lr: float, lr_for: dict[str, float] | N
             groups[key] = {"params": [], "name": prefix.rstrip(".") or "base", "lr": lr_for.get(prefix, lr),
                            "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append((name, p))  # named params: the optimizer keeps group["param_names"]
-    unused = [k for k in lr_for if not any(k == prefix for prefix, _ in groups)]
+    unused = [k for k in lr_for if k not in {prefix for prefix, _ in groups}]
     if unused:
         raise ValueError(f"--lr_for prefixes {unused} match no trainable parameter")
     return list(groups.values())
@@ -231,14 +232,6 @@ def _write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- logging
 def init_swanlab(args, run_id: str | None):
     """Rank 0 only. Offline by default; `online` without a login falls back to offline instead of crashing.
@@ -266,6 +259,7 @@ class Trainer:
     dataset[i] -> sample; collate_fn(list of samples) -> batch dict, or None to skip the micro-batch.
     batches_fn(epoch) -> list of index lists, see "Data order" above.
     lr_for: {name prefix: lr} overrides added to --lr_for.
+    Sub-modules whose parameters are all frozen run in eval mode (no dropout) during fit().
     Subclasses may override on_step_end() (e.g. evaluation); `trainer.model` is the unwrapped model.
     """
 
@@ -328,6 +322,10 @@ class Trainer:
     def fit(self):
         args, world = self.args, self.dist.world_size
         self.ddp.train()
+        for m in self.model.modules():  # fully frozen parts (pretrained towers, a DPO reference) run in eval mode
+            params = list(m.parameters())
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
         logger = init_swanlab(args, self.run_id) if is_main() else None
         self.run_id = logger.id if logger else self.run_id
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), dynamic_ncols=True)
@@ -444,12 +442,11 @@ class Trainer:
 
     # ---- checkpoints
     def save(self):
-        """Collective: every rank must call it (RNG states are gathered); only rank 0 writes."""
-        states = [None] * self.dist.world_size
+        """Collective: every rank calls it (the RNG-state gather and the final barrier sync them); rank 0 writes."""
+        states = [rng_state()]
         if self.dist.world_size > 1:
+            states = [None] * self.dist.world_size
             dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
         if is_main():
             tmp = self.out / f"ckpt.tmp-{self.step}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -460,7 +457,7 @@ class Trainer:
                         "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                         "pos": self.pos, "world_size": self.dist.world_size, "rng": states,
                         "swanlab_run_id": self.run_id, "args": vars(self.args)}, tmp / "trainer.pt")
-            for f in tmp.iterdir():
+            for f in tmp.iterdir():  # on disk before the rename publishes them (matters on power loss)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             self.commit_checkpoint(tmp, self.out / f"step_{self.step}")
@@ -475,7 +472,6 @@ class Trainer:
             shutil.rmtree(old)
         os.replace(tmp, final)
         _write_atomic(self.out / "latest", final.name + "\n")
-        _fsync_dir(self.out)
         for d in _step_dirs(self.out)[:-self.args.keep_last]:
             if d != final:
                 shutil.rmtree(d, ignore_errors=True)
@@ -490,11 +486,7 @@ class Trainer:
             raise KeyError(f"checkpoint {ckpt} does not match the model's trainable parameters "
                            f"(missing: {missing[:10]}, unexpected: {unexpected[:10]}); "
                            f"freeze/unfreeze the same components as the run that saved it")
-        with torch.no_grad():
-            for n, p in self.trainable.items():
-                if p.shape != weights[n].shape:
-                    raise ValueError(f"{n}: checkpoint shape {tuple(weights[n].shape)} != model {tuple(p.shape)}")
-                p.copy_(weights[n])
+        self.model.load_state_dict(weights, strict=False)  # frozen weights stay as built; shapes are checked
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.run_id = state["swanlab_run_id"]
         rank = self.dist.rank

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import trainer
+from tests import toy_train
 from tests.toy_train import Collate, ToyDataset, ToyModel, make_batches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,88 +49,74 @@ def assert_same_weights(a: Path, b: Path):
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
+def straight_run(out: Path) -> Path:
     run_toy(out)
     return out
 
 
-@pytest.fixture(scope="module")
-def crashed(tmp_path_factory):
-    """SIGKILL after a random step; resume and SIGKILL in the middle of the next save; resume to the end."""
-    out = tmp_path_factory.mktemp("crashed")
-    kill_at = random.Random(0).randint(3, TOTAL_STEPS - 3)
-    kill_in_save = (kill_at // 3 + 1) * 3  # the first save the second run makes
-    swanlab = ["--swanlab_mode", "offline", "--resume", "auto"]  # 'auto' on an empty folder = fresh start
-    run_toy(out, *swanlab, "--kill_at_step", str(kill_at), expect_rc=-signal.SIGKILL)
-    run_toy(out, *swanlab, "--kill_in_save_at", str(kill_in_save), expect_rc=-signal.SIGKILL)
+def crash_chain(out: Path) -> dict:
+    """SIGKILL after a random step; resume and SIGKILL in the middle of the next save; resume to the end.
+    swanlab logs offline in the first and last run; the middle one carries the run id through its checkpoints."""
+    kill_at = random.Random(0).choice([s for s in range(4, TOTAL_STEPS - 2) if s % 3])  # not a save step:
+    kill_in_save = (kill_at // 3 + 1) * 3  # the resume redoes some steps; its first save is then interrupted
+    auto = ["--resume", "auto"]  # on an empty folder: a fresh start
+    run_toy(out, *auto, "--swanlab_mode", "offline", "--kill_at_step", str(kill_at), expect_rc=-signal.SIGKILL)
+    run_toy(out, *auto, "--kill_in_save_at", str(kill_in_save), expect_rc=-signal.SIGKILL)
     latest = out / (out / "latest").read_text().strip()
     after_crash = {"latest": latest.name, "entries": sorted(p.name for p in out.iterdir()),
                    "latest_step": trainer_state(latest)["step"],
                    "latest_keys": sorted(load_file(str(latest / "model.safetensors")))}
-    final = run_toy(out, *swanlab)
+    final = run_toy(out, *auto, "--swanlab_mode", "offline")
     return {"out": out, "kill_in_save": kill_in_save, "after_crash": after_crash, "stdout": final.stdout}
 
 
-def test_resume_after_sigkill_is_bitwise_identical(straight, crashed):
-    assert_same_weights(straight / "final.safetensors", crashed["out"] / "final.safetensors")
-    assert trainer_state(crashed["out"] / f"step_{TOTAL_STEPS}")["step"] == TOTAL_STEPS
+def world_size_chain(out: Path) -> dict:
+    """torchrun with 2 ranks for 5 steps (all of epoch 0, its last step padded, + 1 step of epoch 1), then
+    1 rank resumes for the 9 micro-batches left (5 steps), with DataLoader workers this time."""
+    run_toy(out, "--log_batches", "--max_steps", "5", "--dropout", "0", "--dump_grads", nproc=2)
+    first, grads = trainer_state(out / "step_5"), torch.load(out / "grads.pt")
+    run_toy(out, "--log_batches", "--resume", "auto", "--num_workers", "2")
+    return {"out": out, "first": first, "second": trainer_state(out / "step_10"), "grads": grads}
 
 
-def test_kill_during_save_keeps_previous_checkpoint(crashed):
-    out, s, seen = crashed["out"], crashed["kill_in_save"], crashed["after_crash"]
-    assert seen["latest"] == f"step_{s - 3}" and seen["latest_step"] == s - 3
-    assert f"ckpt.tmp-{s}" in seen["entries"] and f"step_{s}" not in seen["entries"]  # half-written, unpublished
-    assert seen["latest_keys"] and not any(k.startswith("frozen.") for k in seen["latest_keys"])
-    assert f"resumed from {out / f'step_{s - 3}'}" in crashed["stdout"]
-    assert not list(out.glob("ckpt.tmp-*"))  # the leftover was cleaned by the resumed run
-    assert (out / "latest").read_text().strip() == f"step_{TOTAL_STEPS}"
-    assert len(list(out.glob("step_*"))) == 2  # --keep_last 2
+SEQUENCES = {"straight": straight_run, "crashed": crash_chain, "world_size": world_size_chain}
 
 
-def test_swanlab_run_continues_after_resume(crashed):
-    out = crashed["out"]
-    run_ids = {trainer_state(d)["swanlab_run_id"] for d in out.glob("step_*")}
-    assert len(run_ids) == 1 and None not in run_ids
-    run_id = run_ids.pop()
-    run_dirs = list((out / "swanlog").glob("run-*"))  # one folder per process, all with the same run id
-    assert len(run_dirs) >= 2 and all(d.name.endswith(run_id) for d in run_dirs)
+@pytest.fixture(scope="module", autouse=True)
+def runs(request, tmp_path_factory):
+    """Starts the run sequences that the selected tests use, in background threads before any test, so they
+    overlap each other and the in-process tests (each run is mostly torch start-up). Tests wait for the result
+    they need, so a failure stays with its own tests. Meanwhile this process uses one thread."""
+    needed = {name for item in request.session.items for name in item.fixturenames} & SEQUENCES.keys()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with ThreadPoolExecutor(len(SEQUENCES)) as pool:
+        yield {name: pool.submit(SEQUENCES[name], tmp_path_factory.mktemp(name)) for name in sorted(needed)}
+    torch.set_num_threads(threads)
 
 
-def test_frozen_params_not_in_checkpoint(straight):
-    ckpt = straight / f"step_{TOTAL_STEPS}"
-    model = ToyModel()
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert sorted(load_file(str(ckpt / "model.safetensors"))) == sorted(trainable)
-    assert trainer_state(ckpt)["trainable"] == trainable
-    assert not any(n.startswith("frozen.") for n in trainable) and any(n.startswith("frozen.") for n, _ in
-                                                                        model.named_parameters())
+@pytest.fixture
+def straight(runs):
+    return runs["straight"].result()
 
 
-def test_torchrun_two_ranks_then_one_rank_sees_every_batch_once(tmp_path):
-    run_toy(tmp_path, "--log_batches", "--max_steps", "5", nproc=2)  # 4 steps of epoch 0 (last one padded) + 1
-    state = trainer_state(tmp_path / "step_5")
-    assert (state["step"], state["epoch"], state["pos"], state["world_size"]) == (5, 1, 4, 2)
-    run_toy(tmp_path, "--log_batches", "--resume", "auto", "--num_workers", "2")  # 9 micro-batches left -> 5 steps
-    state = trainer_state(tmp_path / "step_10")
-    assert (state["step"], state["epoch"], state["pos"], state["world_size"]) == (10, 2, 0, 1)
-    seen = Counter(line for f in tmp_path.glob("seen.*.txt") for line in f.read_text().splitlines())
-    expected = Counter(",".join(map(str, b)) for epoch in range(2) for b in make_batches(epoch, 4, SEED))
-    assert seen == expected
+@pytest.fixture
+def crashed(runs):
+    return runs["crashed"].result()
 
 
-# ----------------------------------------------------------------------------- in-process
+@pytest.fixture
+def world_size(runs):
+    return runs["world_size"].result()
+
+
+# ----------------------------------------------------------------------------- in-process (run first)
 def toy_args(out, *extra):
-    return trainer.add_common_args(argparse.ArgumentParser()).parse_args(
-        ["--out", str(out), *TOY_ARGS, "--epochs", "1", *extra])
+    return toy_train.parse_args(["--out", str(out), *TOY_ARGS, "--epochs", "1", *extra])
 
 
 def fit_toy(args) -> dict:
-    trainer.seed_everything(args.seed)
-    model = ToyModel()
-    trainer.Trainer(args, model, ToyDataset(), Collate(), lambda e: make_batches(e, 4, args.seed)).fit()
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return {k: v.clone() for k, v in toy_train.train(args).model.state_dict().items()}
 
 
 def test_resave_after_latest_lags_behind(tmp_path):
@@ -140,6 +128,29 @@ def test_resave_after_latest_lags_behind(tmp_path):
     again = fit_toy(toy_args(tmp_path, "--keep_last", "3", "--resume", "auto"))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert (tmp_path / "latest").read_text().strip() == "step_7"
+
+
+def test_gradient_is_the_mean_over_real_micro_batches(tmp_path):
+    """grad_accum 6 puts the broken micro-batch (position 5 of epoch 0) in step 1: the step's gradient must be
+    the mean over its 5 real micro-batches, computed here by hand from the same initial weights."""
+    args = toy_args(tmp_path, "--grad_accum", "6", "--max_steps", "1", "--dropout", "0", "--clip_grad", "0",
+                    "--dump_grads")
+    got = toy_train.train(args).grads[0]
+    trainer.seed_everything(SEED)
+    model = ToyModel(dropout=0.0)
+    batches = make_batches(0, 4, SEED)[:6]
+    assert batches[5] == [toy_train.BROKEN]
+    real = [Collate()([ToyDataset()[i] for i in indices]) for indices in batches[:5]]
+    for batch in real:
+        (model(**batch)["loss"] / len(real)).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_modules_run_in_eval_mode(tmp_path):
+    model = toy_train.train(toy_args(tmp_path, "--max_steps", "1")).model
+    assert model.training and model.block.training and not model.frozen.training
 
 
 def test_fresh_run_refuses_folder_with_checkpoints(tmp_path):
@@ -217,3 +228,61 @@ def test_single_process_distributed_defaults():
     d = trainer.setup_distributed()
     assert (d.rank, d.world_size) == (0, 1) and trainer.is_main()
     trainer.barrier()
+
+
+# ----------------------------------------------------------------------------- the subprocess runs
+def test_resume_after_sigkill_is_bitwise_identical(straight, crashed):
+    assert_same_weights(straight / "final.safetensors", crashed["out"] / "final.safetensors")
+    assert trainer_state(crashed["out"] / f"step_{TOTAL_STEPS}")["step"] == TOTAL_STEPS
+
+
+def test_kill_during_save_keeps_previous_checkpoint(crashed):
+    out, s, seen = crashed["out"], crashed["kill_in_save"], crashed["after_crash"]
+    assert seen["latest"] == f"step_{s - 3}" and seen["latest_step"] == s - 3
+    assert f"ckpt.tmp-{s}" in seen["entries"] and f"step_{s}" not in seen["entries"]  # half-written, unpublished
+    assert seen["latest_keys"] and not any(k.startswith("frozen.") for k in seen["latest_keys"])
+    assert f"resumed from {out / f'step_{s - 3}'}" in crashed["stdout"]
+    assert not list(out.glob("ckpt.tmp-*"))  # the leftover was cleaned by the resumed run
+    assert (out / "latest").read_text().strip() == f"step_{TOTAL_STEPS}"
+    assert len(list(out.glob("step_*"))) == 2  # --keep_last 2
+
+
+def test_swanlab_run_continues_after_resume(crashed):
+    out = crashed["out"]
+    run_ids = {trainer_state(d)["swanlab_run_id"] for d in out.glob("step_*")}
+    assert len(run_ids) == 1 and None not in run_ids
+    run_id = run_ids.pop()
+    run_dirs = list((out / "swanlog").glob("run-*"))  # one folder per process, all with the same run id
+    assert len(run_dirs) >= 2 and all(d.name.endswith(run_id) for d in run_dirs)
+
+
+def test_frozen_params_not_in_checkpoint(straight):
+    ckpt = straight / f"step_{TOTAL_STEPS}"
+    model = ToyModel()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(load_file(str(ckpt / "model.safetensors"))) == sorted(trainable)
+    assert trainer_state(ckpt)["trainable"] == trainable
+    assert not any(n.startswith("frozen.") for n in trainable) and any(n.startswith("frozen.") for n, _ in
+                                                                        model.named_parameters())
+
+
+def test_torchrun_two_ranks_then_one_rank_sees_every_batch_once(world_size):
+    first, second, out = world_size["first"], world_size["second"], world_size["out"]
+    assert (first["step"], first["epoch"], first["pos"], first["world_size"]) == (5, 1, 4, 2)
+    assert (second["step"], second["epoch"], second["pos"], second["world_size"]) == (10, 2, 0, 1)
+    seen = Counter(line for f in out.glob("seen.*.txt") for line in f.read_text().splitlines())
+    expected = Counter(",".join(map(str, b)) for epoch in range(2) for b in make_batches(epoch, 4, SEED))
+    assert seen == expected
+
+
+def test_two_rank_gradients_equal_one_rank_gradients(world_size, tmp_path):
+    """DDP averaging, the loss weights, the padded last step of epoch 0 (rank 1 replays a batch with weight 0)
+    and the step with a skipped micro-batch all give the mean gradient over the step's real micro-batches.
+    The reference runs the same 5 steps in-process on 1 rank with twice the accumulation."""
+    one = toy_train.train(toy_args(tmp_path, "--epochs", "2", "--max_steps", "5", "--dropout", "0",
+                                   "--grad_accum", "4", "--dump_grads")).grads
+    two = world_size["grads"]
+    assert len(two) == len(one) == 5
+    for g2, g1 in zip(two, one):
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-7)

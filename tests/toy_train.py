@@ -89,11 +89,17 @@ class ToyModel(nn.Module):
                 "acc": (logits.argmax(-1) == y).float().mean()}
 
 
-class CrashingTrainer(trainer.Trainer):
-    """Test hooks: SIGKILL this process right after a given step, or in the middle of a checkpoint save
-    (the files are written to the temporary folder but not yet published)."""
+class ToyTrainer(trainer.Trainer):
+    """Test hooks: record each step's final (averaged, re-normalised) gradients; SIGKILL this process right after
+    a given step, or in the middle of a checkpoint save (files written to the temporary folder, not published)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grads = []
 
     def on_step_end(self):
+        if self.args.dump_grads:
+            self.grads.append({n: p.grad.clone() for n, p in self.trainable.items()})
         if self.step == self.args.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -103,27 +109,34 @@ class CrashingTrainer(trainer.Trainer):
         super().commit_checkpoint(tmp, final)
 
 
-def main():
+def parse_args(argv=None):
     parser = trainer.add_common_args(argparse.ArgumentParser(description=__doc__))
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--head_lr_scale", type=float, default=3.0, help="head.* trains at lr * this")
     parser.add_argument("--log_batches", action="store_true", help="record consumed micro-batches in --out")
+    parser.add_argument("--dump_grads", action="store_true", help="write each step's gradients to --out/grads.pt")
     parser.add_argument("--kill_at_step", type=int, default=0)
     parser.add_argument("--kill_in_save_at", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def train(args) -> ToyTrainer:
+    """The whole run; the tests also call it in-process."""
     trainer.seed_everything(args.seed)  # same initial (and frozen) weights in every run, like --init
     model = ToyModel(dropout=args.dropout)
     os.makedirs(args.out, exist_ok=True)
-    run = CrashingTrainer(args, model, ToyDataset(), Collate(args.out if args.log_batches else None),
-                          lambda epoch: make_batches(epoch, args.batch_size, args.seed),
-                          lr_for={"head.": args.lr * args.head_lr_scale})
+    run = ToyTrainer(args, model, ToyDataset(), Collate(args.out if args.log_batches else None),
+                     lambda epoch: make_batches(epoch, args.batch_size, args.seed),
+                     lr_for={"head.": args.lr * args.head_lr_scale})
     run.fit()
     if trainer.is_main():
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   os.path.join(args.out, "final.safetensors"))
-    trainer.cleanup_distributed()
+        if args.dump_grads:
+            torch.save(run.grads, os.path.join(args.out, "grads.pt"))
+    return run
 
 
 if __name__ == "__main__":
-    main()
+    train(parse_args())
+    trainer.cleanup_distributed()
