@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -35,7 +35,8 @@ from dataset import toyworld_text as T
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sizes: samples per split and task, for each language. Tune these. ("think": questions; each question is written twice,
-# with and without the <think> chain, so it yields 2 samples.) "full" builds in about a minute on 2 cores.
+# with and without the <think> chain, so it yields 2 samples.) "full" costs ~80 CPU-seconds, most of it espeak-ng:
+# measured 80-120 s wall on a shared 2-core box busy with other jobs (so ~45 s on 2 free cores); en,zh doubles it.
 # ---------------------------------------------------------------------------------------------------------------------
 TASKS = ["caption", "color", "shape", "count", "position", "ocr", "asr", "audio_qa", "video", "multi_image", "think"]
 COUNTS = {
@@ -91,7 +92,7 @@ def check_tools(langs) -> None:
             find_font(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def find_font(name: str) -> str:
     for root in FONT_DIRS:
         for dirpath, _, files in os.walk(root):
@@ -100,7 +101,7 @@ def find_font(name: str) -> str:
     raise MissingDependency(f"font {name} not found under {', '.join(FONT_DIRS)}: {INSTALL_HINT}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_font(name: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(find_font(name), size)
 
@@ -117,21 +118,22 @@ def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":
         R = 1.2 * r
-        return [(cx, cy - 0.75 * R), (cx + R * math.sqrt(3) / 2, cy + 0.75 * R), (cx - R * math.sqrt(3) / 2, cy + 0.75 * R)]
+        half = R * math.sqrt(3) / 2
+        return [(cx, cy - 0.75 * R), (cx + half, cy + 0.75 * R), (cx - half, cy + 0.75 * R)]
     pts = [((1.2 if k % 2 == 0 else 0.5) * r, -math.pi / 2 + k * math.pi / 5) for k in range(10)]  # star
     pts = [(cx + rad * math.cos(a), cy + rad * math.sin(a)) for rad, a in pts]
     dy = (min(y for _, y in pts) + max(y for _, y in pts)) / 2 - cy
     return [(x, y - dy) for x, y in pts]
 
 
-def place(color: str, shape: str, size: str, cx: int, cy: int, width: int = IMG, height: int = IMG) -> dict:
+def place(color: str, shape: str, size: str, cx: int, cy: int) -> dict:
     """An object record: attributes, grid cell and pixel box (the ground truth a caption must match)."""
     pts = shape_points(shape, cx, cy, RADIUS[size])
-    row, col = min(2, cy * 3 // height), min(2, cx * 3 // width)
+    row, col = min(2, cy * 3 // IMG), min(2, cx * 3 // IMG)
     box = [math.floor(min(x for x, _ in pts)), math.floor(min(y for _, y in pts)),
            math.ceil(max(x for x, _ in pts)), math.ceil(max(y for _, y in pts))]
-    return {"color": color, "shape": shape, "size": size, "cell": [row, col], "position": T.POSITIONS[row * 3 + col][0],
-            "center": [cx, cy], "box": box}
+    return {"color": color, "shape": shape, "size": size, "cell": [row, col],
+            "position": T.POSITIONS[row * 3 + col][0], "center": [cx, cy], "box": box}
 
 
 def object_in_cell(rng: random.Random, cell: int, color: str, shape: str, size: str) -> dict:
@@ -143,10 +145,10 @@ def object_in_cell(rng: random.Random, cell: int, color: str, shape: str, size: 
     return place(color, shape, size, cx, cy)
 
 
-def random_object(rng: random.Random, cell: int, avoid: set = frozenset()) -> dict:
-    """A random object in `cell` whose (colour, shape) is not in `avoid`."""
+def random_object(rng: random.Random, cell: int, avoid: set = frozenset(), colors: list | None = None) -> dict:
+    """A random object in `cell` (colour from `colors` if given) whose (colour, shape) is not in `avoid`."""
     while True:
-        color, shape = rng.choice(list(T.COLORS)), rng.choice(list(T.SHAPES))
+        color, shape = rng.choice(colors or list(T.COLORS)), rng.choice(list(T.SHAPES))
         if (color, shape) not in avoid:
             return object_in_cell(rng, cell, color, shape, rng.choice(list(T.SIZES)))
 
@@ -158,10 +160,10 @@ def background(rng: random.Random) -> dict:
     return {"kind": kind, "rgb": rgb, "noise": rng.choice([3, 4, 5, 6]) if kind == "noise" else 0}
 
 
-def sample_scene(rng: random.Random, n_min: int, n_max: int) -> dict:
+def sample_scene(rng: random.Random, n_min: int, n_max: int, colors: list | None = None) -> dict:
     cells = sorted(rng.sample(range(9), rng.randint(n_min, n_max)))
     return {"width": IMG, "height": IMG, "background": background(rng),
-            "objects": [random_object(rng, c) for c in cells]}
+            "objects": [random_object(rng, c, colors=colors) for c in cells]}
 
 
 def cell_index(obj: dict) -> int:
@@ -188,7 +190,7 @@ def make_sample(task: str, lang: str, prompt: str, reply: str, meta: dict, image
     return sample
 
 
-def name(lang: str, key: str, table: dict) -> str:
+def word(lang: str, key: str, table: dict) -> str:
     """The word for a colour/shape key in `lang` ('red' / '红色')."""
     return key if lang == "en" else table[key][1]
 
@@ -208,7 +210,7 @@ def ask_color(rng, lang):
         q, query = T.color_question(lang, rng, shape=target["shape"]), {"shape": target["shape"]}
     else:
         q, query = T.color_question(lang, rng, cell=cell_index(target)), {"position": target["position"]}
-    return scene, q, T.answer(lang, name(lang, target["color"], T.COLORS)), {"query": query}
+    return scene, q, T.answer(lang, word(lang, target["color"], T.COLORS)), {"query": query}
 
 
 def ask_shape(rng, lang):
@@ -226,12 +228,13 @@ def ask_shape(rng, lang):
         q, query = T.shape_question(lang, rng, color=target["color"]), {"color": target["color"]}
     else:
         q, query = T.shape_question(lang, rng, cell=cell_index(target)), {"position": target["position"]}
-    return scene, q, T.answer(lang, name(lang, target["shape"], T.SHAPES)), {"query": query}
+    return scene, q, T.answer(lang, word(lang, target["shape"], T.SHAPES)), {"query": query}
 
 
 def ask_count(rng, lang):
     """Count all shapes, one colour (sometimes an absent one: the answer 0 probes hallucination) or one shape."""
-    scene = sample_scene(rng, 1, 6)
+    few_colors = rng.sample(list(T.COLORS), rng.randint(1, 3)) if rng.random() < 0.5 else None  # counts above 1
+    scene = sample_scene(rng, 1, 6, few_colors)
     objs = scene["objects"]
     mode = rng.choice(["all", "color", "color", "shape"])
     if mode == "all":
@@ -292,9 +295,10 @@ def ocr_lines(rng, lang, layout: str, test: bool) -> tuple[list[str], bool]:
         if lang == "zh":
             return [rng.choice(T.ZH_WORDS)], False
         if rng.random() < 0.25:
-            return [str(rng.randint(0, 9999)) if rng.random() < 0.7 else f"{rng.randint(0, 99)}.{rng.randint(0, 9)}"], False
-        word = rng.choice(T.WORDS)
-        return [rng.choices([word, word.capitalize(), word.upper()], [6, 3, 1])[0]], False
+            number = str(rng.randint(0, 9999)) if rng.random() < 0.7 else f"{rng.randint(0, 99)}.{rng.randint(0, 9)}"
+            return [number], False
+        w = rng.choice(T.WORDS)
+        return [rng.choices([w, w.capitalize(), w.upper()], [6, 3, 1])[0]], False
     n = rng.randint(2, 4) if layout == "wide" else rng.randint(2, 3)
     if lang == "en" and layout == "wide" and rng.random() < 0.2:
         return [" ".join(str(rng.randint(10, 999)) for _ in range(n))], False
@@ -348,28 +352,21 @@ def asr_transcript(rng, lang: str, test: bool) -> tuple[str, bool]:
     """A word, a set phrase, or a two-word combination (some combinations are test-only)."""
     r = rng.random()
     if lang == "en":
-        if r < 0.4:
-            return rng.choice(T.WORDS), False
         if r < 0.55:
-            return rng.choice(T.PHRASES), False
-        if r < 0.8:
-            words, unseen = pick_combo(rng, test, lambda: [rng.choice(T.ADJECTIVES + T.COLOR_WORDS), rng.choice(T.NOUNS)])
-        else:
-            words, unseen = pick_combo(rng, test, lambda: [rng.choice(T.NUMBER_WORDS[2:13]),
-                                                           T.plural_noun(rng.choice(T.COUNTABLE))])
-        return " ".join(words), unseen
-    if r < 0.45:
-        return rng.choice(T.ZH_WORDS), False
-    if r < 0.65:
-        words, unseen = pick_combo(rng, test, lambda: [rng.choice(T.ZH_COLORS) + "的", rng.choice(T.ZH_THINGS)])
-    elif r < 0.8:
-        words, unseen = pick_combo(rng, test, lambda: [rng.choice(["大", "小"]), rng.choice(T.ZH_ANIMALS + T.ZH_THINGS)])
+            return rng.choice(T.WORDS) if r < 0.4 else rng.choice(T.PHRASES), False
+        combos = [lambda: [rng.choice(T.ADJECTIVES + T.COLOR_WORDS), rng.choice(T.NOUNS)],  # "red apple"
+                  lambda: [rng.choice(T.NUMBER_WORDS[2:13]), T.plural_noun(rng.choice(T.COUNTABLE))]]  # "three cats"
     else:
-        def counted():
-            noun = rng.choice(T.ZH_ANIMALS + T.ZH_THINGS)
-            return [rng.choice(T.ZH_NUMBERS) + ("只" if noun in T.ZH_ANIMALS else "个"), noun]
-        words, unseen = pick_combo(rng, test, counted)
-    return "".join(words), unseen
+        if r < 0.45:
+            return rng.choice(T.ZH_WORDS), False
+
+        def counted():  # 三只猫: number + the noun's measure word + noun
+            noun = rng.choice(list(T.ZH_MEASURE))
+            return [rng.choice(T.ZH_NUMBERS) + T.ZH_MEASURE[noun], noun]
+        combos = [lambda: [rng.choice(T.ZH_COLORS) + "的", rng.choice(T.ZH_THINGS)],  # 红色的苹果
+                  lambda: [rng.choice(["大", "小"]), rng.choice(list(T.ZH_MEASURE))], counted]  # 大狗
+    words, unseen = pick_combo(rng, test, rng.choice(combos))
+    return SEP[lang].join(words), unseen
 
 
 def gen_asr(rng, lang, i, test):
@@ -385,8 +382,8 @@ def gen_audio_qa(rng, lang, i, test):
     kind = list(ASK)[i % len(ASK)]
     scene, q, ans, extra = ASK[kind](rng, lang)
     spec = speech_spec(rng, lang, q, test)
-    meta = {"scene": scene, "question_type": kind, "transcript": q, "voice": spec["voice"], "speed": spec["speed"],
-            "pitch": spec["pitch"], "sample_rate": SAMPLE_RATE, **extra, "answer": ans}
+    meta = {"scene": scene, "question_type": kind, "transcript": q, "spoken": spec["text"], "voice": spec["voice"],
+            "speed": spec["speed"], "pitch": spec["pitch"], "sample_rate": SAMPLE_RATE, **extra, "answer": ans}
     return [make_sample("audio_qa", lang, "", ans, meta, images=[scene_spec(rng, scene)], audios=[spec])]
 
 
@@ -472,8 +469,9 @@ def gen_think(rng, lang, i, test):
         if kind == "more":
             c1 = rng.choice(sorted(colors))
             fewer = [c for c in T.COLORS if colors[c] < colors[c1]]
+            present = [c for c in fewer if colors[c]]  # prefer a colour that is there (answer not just n1)
             if fewer:
-                c2 = rng.choice(fewer)
+                c2 = rng.choice(present if present and rng.random() < 0.7 else fewer)
                 q, chain, ans = T.think_more(lang, c1, colors[c1], c2, colors[c2])
                 break
         elif kind == "not":
@@ -514,7 +512,8 @@ def signatures(sample: dict) -> list[str]:
         return sorted([cell_index(o), o["color"], o["shape"], o["size"]] for o in objs)
 
     if sample["task"] == "ocr":
-        return ["ocr:" + json.dumps([m["text"], m["font"], m["font_size"], m["angle"], m["layout"]], ensure_ascii=False)]
+        return ["ocr:" + json.dumps([m["text"], m["font"], m["font_size"], m["angle"], m["layout"]],
+                                    ensure_ascii=False)]
     if sample["task"] == "asr":
         return ["asr:" + json.dumps([m["transcript"], m["voice"], m["speed"], m["pitch"]], ensure_ascii=False)]
     if sample["task"] == "video":
@@ -576,7 +575,7 @@ def render_text(spec: dict, rng: np.random.Generator) -> Image.Image:
     return add_noise(canvas, spec["background"], rng)
 
 
-@lru_cache(maxsize=None)
+@cache
 def resampler(orig_rate: int):
     """torchaudio's windowed-sinc resampler with its kernel built once per process (building it costs more than
     applying it)."""
@@ -600,7 +599,7 @@ def synth_speech(spec: dict, path: str) -> None:
     sf.write(path, 0.9 * wav / np.abs(wav).max(), SAMPLE_RATE, subtype="PCM_16")
 
 
-@lru_cache(maxsize=None)
+@cache
 def gif_palette() -> Image.Image:
     """A fixed palette (greys + each colour blended with white) so every GIF frame quantizes the same way."""
     colors = [(g, g, g) for g in range(0, 256, 8)] + [(255, 255, 255)]
@@ -624,9 +623,9 @@ def render(job: tuple[str, dict]) -> None:
     rng = np.random.default_rng(spec.get("seed", 0))
     if spec["kind"] == "scene":
         s = spec["scene"]
-        draw_objects(s["objects"], s["width"], s["height"], s["background"], rng).save(path)
+        draw_objects(s["objects"], s["width"], s["height"], s["background"], rng).save(path, compress_level=1)
     elif spec["kind"] == "text":
-        render_text(spec, rng).save(path)
+        render_text(spec, rng).save(path, compress_level=1)
     elif spec["kind"] == "speech":
         synth_speech(spec, path)
     else:
@@ -634,7 +633,10 @@ def render(job: tuple[str, dict]) -> None:
 
 
 def _init_worker() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"  # one core per worker; torch (resampling) is imported after this
+    """One thread per worker: torch's thread pool spinning on a 0.1 s clip costs 4x the work itself."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -665,7 +667,7 @@ def assign_paths(samples: list[dict], split: str) -> dict[str, dict]:
 def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: int | None = None) -> dict:
     """Build ToyWorld into `out`; returns {split: Counter((task, lang))}."""
     t0 = time.time()
-    langs = [l for l in (langs.split(",") if isinstance(langs, str) else langs) if l]
+    langs = [lang for lang in (langs.split(",") if isinstance(langs, str) else langs) if lang]
     if not set(langs) <= {"en", "zh"} or size not in COUNTS:
         raise ValueError(f"langs must be a subset of en,zh (got {langs}); size one of {list(COUNTS)} (got {size})")
     check_tools(langs)
@@ -688,7 +690,7 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
         os.makedirs(os.path.join(out, folder), exist_ok=True)
     todo = [(os.path.join(out, path), spec) for path, spec in sorted(jobs.items())]
     workers = workers or os.cpu_count() or 1
-    if workers == 1:
+    if workers == 1:  # in this process: for tests and debugging
         for job in todo:
             render(job)
     else:
@@ -715,7 +717,7 @@ def print_stats(stats: dict, langs: list[str]) -> None:
     print(f"{'task':<12}" + "".join(f"{split + ('/' + lang if len(langs) > 1 else ''):>14}" for split, lang in columns))
     for task in TASKS:
         print(f"{task:<12}" + "".join(f"{stats[split][task, lang]:>14}" for split, lang in columns))
-    print(f"{'total':<12}" + "".join(f"{sum(v for (_, l), v in stats[split].items() if l == lang):>14}"
+    print(f"{'total':<12}" + "".join(f"{sum(n for (_, lg), n in stats[split].items() if lg == lang):>14}"
                                      for split, lang in columns))
 
 

@@ -1,4 +1,4 @@
-"""ToyWorld's words: the scene vocabulary, OCR/ASR word lists, and every question/answer template in English and Chinese.
+"""ToyWorld's words: scene vocabulary, OCR/ASR word lists, every question/answer template in English and Chinese.
 
 Kept apart from the renderer so the wording can be read (and tuned) in one place. Answers are short and canonical
 ("Red.", "3.", "Top left.", "红色。") so that exact match is a fair score. Chinese speech goes through
@@ -48,7 +48,8 @@ UNCOUNTABLE = {"bread", "cheese", "milk", "water", "coffee", "tea", "rice", "sou
                "fire", "home", "sky", "sun", "moon", "sea"}
 COUNTABLE = [n for n in NOUNS if n not in UNCOUNTABLE]  # the nouns that go after a number ("three cats")
 PLURALS = {"fish": "fish", "box": "boxes", "bus": "buses", "baby": "babies", "city": "cities", "leaf": "leaves"}
-ADJECTIVES = "big small hot cold happy sad fast slow new old good bad long short tall soft loud quiet bright dark".split()
+ADJECTIVES = ("big small hot cold happy sad fast slow new old good bad long short tall soft loud quiet bright "
+              "dark").split()
 COLOR_WORDS = "red green blue yellow purple orange black white pink brown".split()
 VERBS = "run walk jump swim read write sing dance eat drink sleep play open close look listen".split()
 MISC = "today tomorrow morning night yes no hello thanks please sorry".split()
@@ -83,11 +84,18 @@ PINYIN = {
     "早上好": "zao3 shang4 hao3", "晚安": "wan3 an1", "对不起": "dui4 bu5 qi3", "没关系": "mei2 guan1 xi5",
     "快乐": "kuai4 le4", "漂亮": "piao4 liang5", "今天": "jin1 tian1", "明天": "ming2 tian1", "音乐": "yin1 yue4",
     "一": "yi1", "两": "liang3", "三": "san1", "四": "si4", "五": "wu3", "六": "liu4", "七": "qi1", "八": "ba1",
-    "九": "jiu3", "十": "shi2", "只": "zhi1", "个": "ge4",
+    "九": "jiu3", "十": "shi2",
+    # measure words (Chinese counts things as number + measure word + noun: 三只猫, 两本书)
+    "只": "zhi1", "个": "ge4", "条": "tiao2", "匹": "pi3", "头": "tou2", "本": "ben3", "支": "zhi1", "张": "zhang1",
+    "把": "ba3", "台": "tai2", "辆": "liang4", "列": "lie4", "架": "jia4", "朵": "duo3", "棵": "ke1", "根": "gen1",
+}
+ZH_MEASURE = {  # countable nouns -> their measure word
+    "猫": "只", "狗": "只", "鸟": "只", "鱼": "条", "马": "匹", "牛": "头", "兔子": "只", "老虎": "只", "熊猫": "只",
+    "苹果": "个", "香蕉": "根", "书": "本", "笔": "支", "杯子": "个", "桌子": "张", "椅子": "把", "电脑": "台",
+    "手机": "个", "汽车": "辆", "火车": "列", "飞机": "架", "花": "朵", "树": "棵", "面包": "个", "鸡蛋": "个",
 }
 ZH_ANIMALS = ["猫", "狗", "鸟", "鱼", "马", "牛", "兔子", "老虎", "熊猫"]
-ZH_THINGS = ["苹果", "香蕉", "书", "笔", "杯子", "桌子", "椅子", "电脑", "手机", "汽车", "火车", "飞机", "花", "树",
-             "面包", "鸡蛋"]
+ZH_THINGS = [w for w in ZH_MEASURE if w not in ZH_ANIMALS]
 ZH_OTHER = ["米饭", "面条", "茶", "水", "牛奶", "太阳", "月亮", "星星", "山", "雨", "雪", "妈妈", "爸爸", "朋友",
             "老师", "学生", "医生", "学校", "公园", "北京", "上海", "中国", "你好", "谢谢", "再见", "早上好", "晚安",
             "对不起", "没关系", "快乐", "漂亮", "今天", "明天", "音乐"]
@@ -126,8 +134,14 @@ def obj_name(lang: str, color: str, shape: str) -> str:
 
 
 def a_obj(lang: str, color: str, shape: str) -> str:
-    """The canonical 'what appeared' answer: 'A red star.' / '一个红色星形。'."""
-    return f"A {color} {shape}." if lang == "en" else f"一个{obj_name(lang, color, shape)}。"
+    """The canonical 'what appeared' answer: 'A red star.' / 'An orange circle.' / '一个红色星形。'."""
+    if lang == "en":
+        return f"{article(color).capitalize()} {color} {shape}."
+    return f"一个{obj_name(lang, color, shape)}。"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def answer(lang: str, word: str) -> str:
@@ -157,7 +171,7 @@ def plural_noun(noun: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prompts (the first of each list is the one used for spoken questions' written twin in `meta`)
+# Prompts: a few phrasings per task so the model learns the task, not one string
 # ---------------------------------------------------------------------------------------------------------------------
 PROMPTS = {
     "en": {
@@ -165,7 +179,8 @@ PROMPTS = {
                     "Describe every shape you see."],
         "ocr": ["What does the text say?", "Read the text in the image.", "What is written in the image?"],
         "asr": ["Transcribe the audio.", "What did the speaker say?", "Write down what you hear."],
-        "multi_image": ["What is different between the two images?", "What changed from the first image to the second?"],
+        "multi_image": ["What is different between the two images?",
+                        "What changed from the first image to the second?"],
         "appear": ["What appeared in the video?", "What shape appears in the video?"],
     },
     "zh": {
@@ -233,7 +248,9 @@ def difference_answer(lang: str, change: str, color: str, shape: str, new_color:
     if lang == "en":
         if change == "color":
             return f"The {color} {shape} turned {new_color}."
-        return f"A {color} {shape} was added." if change == "added" else f"The {color} {shape} was removed."
+        if change == "added":
+            return f"{article(color).capitalize()} {color} {shape} was added."
+        return f"The {color} {shape} was removed."
     name = obj_name(lang, color, shape)
     if change == "color":
         return f"{name}变成了{COLORS[new_color][1]}。"
