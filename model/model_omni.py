@@ -478,13 +478,15 @@ class OmniModel(nn.Module):
     @staticmethod
     def _decode_stream(steps, tokenizer, stop_ids: set[int]):
         """Token ids -> text deltas; decodes the whole answer so far so multi-byte characters come out whole."""
-        ids, shown = [], ""
+        ids, shown, text = [], "", ""
         for step in steps:
             token = int(step[0])
             if token in stop_ids:
                 break
             ids.append(token)
             text = tokenizer.decode(ids, skip_special_tokens=False)
-            if not text.endswith("\ufffd"):
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 yield text[len(shown):]
                 shown = text
+        if len(text) > len(shown):            # an answer cut off mid-character still shows what it has
+            yield text[len(shown):]
