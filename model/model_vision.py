@@ -66,6 +66,8 @@ class SiglipVisionEmbeddings(nn.Module):
         self.side = cfg.image_size // cfg.patch_size  # native grid is side x side
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.position_embedding = nn.Embedding(self.side * self.side, cfg.hidden_size)
+        # SigLIP's init (std 1/sqrt(D)); PyTorch's default N(0, 1) would swamp the patch content of a random tower
+        nn.init.normal_(self.position_embedding.weight, std=cfg.hidden_size ** -0.5)
 
     def grid_positions(self, h: int, w: int) -> torch.Tensor:
         """[h*w, D] row-major: the square table resized bicubically (in fp32) as transformers does."""

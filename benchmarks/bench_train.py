@@ -1,0 +1,164 @@
+"""Training speed of the tiny preset and the peak memory of one qwen3_0_6b SFT step (random weights, no download).
+
+    python benchmarks/bench_train.py [--data data/toyworld] [--steps 20] [--tokens 2048]
+
+1. tiny: full SFT steps (every component trains, AdamW) on pre-collated ToyWorld SFT batches, so the number is
+   the model's speed, not the data loader's: samples/s and tokens/s (prompt + answer + media tokens).
+2. qwen3_0_6b: one SFT step as the 24 GB recipe runs it: LLM + resampler + audio projector train, SigLIP2 and
+   Whisper frozen, bf16 autocast over fp32 weights, gradient checkpointing, one 2k-token sample (an image, 10 s of
+   audio, text, the answer labelled). On a GPU: torch.cuda.max_memory_allocated after a real step. On CPU (a 0.6B
+   step takes minutes there) the peak is accounted instead:
+     weights (all, fp32) + gradients (trainable, fp32) + AdamW moments (2 x trainable, fp32)
+     + activations autograd saves for backward, measured with saved_tensors_hooks (unique storages, bytes) on the
+       same step with 1 and 2 decoder layers and extrapolated linearly to all layers (each layer adds the same)
+     + the largest transient of backward: one layer's activations recomputed without checkpointing.
+   The frozen towers run without any tensor requiring grad, so autograd saves nothing for them.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
+from dataset.tokenizer import load_tokenizer
+from model.model_omni import OmniConfig, OmniModel, audio_token_count
+from stage_utils import set_trainable
+
+GB = 1024 ** 3
+
+
+def tiny_throughput(data: str, steps: int, batch_size: int = 16):
+    if not os.path.exists(os.path.join(data, "sft.jsonl")):
+        from dataset.build_toyworld import build
+        data = tempfile.mkdtemp()
+        build(data, size="small", workers=2)
+    tokenizer = load_tokenizer(os.path.join(data, "tokenizer"))
+    config = OmniConfig.preset("tiny")
+    config.llm.vocab_size = -(-len(tokenizer) // 64) * 64
+    torch.manual_seed(0)
+    model = OmniModel(config.set_token_ids(tokenizer)).train()
+    dataset = OmniDataset(os.path.join(data, "sft.jsonl"), tokenizer, config)
+    order = length_grouped_batches(dataset.lengths, batch_size, seed=0, epoch=0)
+    batches = [collate([dataset[i] for i in idx], tokenizer.pad_token_id) for idx in order[:steps + 3]]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    samples = tokens = 0
+    for k, batch in enumerate(batches):
+        if k == 3:  # the first steps warm up the allocator and kernels
+            t0 = time.perf_counter()
+        loss = model(**batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if k >= 3:
+            samples, tokens = samples + batch["input_ids"].shape[0], tokens + int(batch["attention_mask"].sum())
+    seconds = time.perf_counter() - t0
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny preset ({n / 1e6:.1f}M params, {torch.get_num_threads()} threads, batch {batch_size}): "
+          f"{samples / seconds:.1f} samples/s, {tokens / seconds:.0f} tokens/s over {steps} SFT steps")
+
+
+def big_sample(config: OmniConfig, tokens: int, device) -> dict:
+    """One sample of `tokens` tokens: a 448x448 image (query_num tokens), 10 s of audio, text; last 25% labelled."""
+    image_tokens, mel_len = config.query_num, 1000
+    audio_tokens = audio_token_count(mel_len, config)
+    ids = torch.randint(0, 150000, (1, tokens))
+    ids[0, 10:10 + image_tokens] = config.image_pad_id
+    ids[0, 100 + image_tokens:100 + image_tokens + audio_tokens] = config.audio_pad_id
+    labels = torch.full_like(ids, -100)
+    labels[0, -tokens // 4:] = ids[0, -tokens // 4:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "pixel_values": torch.randn(1, 3, 448, 448), "image_grid_hw": torch.tensor([[32, 32]]),
+             "audio_features": torch.randn(1, 80, mel_len), "audio_feature_lens": torch.tensor([mel_len])}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def qwen_config(layers: int | None = None) -> OmniConfig:
+    """layers: decoder layers for the CPU accounting, which also shrinks the frozen towers to one layer each
+    (same output shapes; frozen, they add nothing to what autograd saves, and 27 SigLIP layers take minutes on CPU)."""
+    config = OmniConfig.preset("qwen3_0_6b")
+    config.image_pad_id, config.video_pad_id, config.audio_pad_id = 151655, 151656, 151669
+    if layers:
+        config.llm.num_hidden_layers = layers
+        config.vision.num_hidden_layers = config.audio.encoder_layers = 1
+    return config
+
+
+def sft_model(config: OmniConfig, device) -> OmniModel:
+    model = set_trainable(OmniModel(config), ["llm", "projectors"]).to(device)
+    model.llm.gradient_checkpointing = True
+    for tower in (model.vision_tower, model.audio_tower):
+        tower.eval()
+    return model
+
+
+def gpu_peak(tokens: int):
+    torch.manual_seed(0)
+    model = sft_model(qwen_config(), "cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch = big_sample(model.config, tokens, "cuda")
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):  # the second step has the AdamW moments allocated
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    print(f"qwen3_0_6b SFT step, {tokens} tokens, bf16 autocast + grad checkpointing, LLM + projectors trainable: "
+          f"peak {torch.cuda.max_memory_allocated() / GB:.2f} GiB on {torch.cuda.get_device_name()}")
+
+
+def saved_bytes(model: OmniModel, batch: dict) -> int:
+    """Bytes autograd keeps for backward during one forward (unique storages), under bf16 autocast."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch)["loss"]
+    return sum(seen.values())
+
+
+def cpu_accounting(tokens: int):
+    with torch.device("meta"):
+        full = set_trainable(OmniModel(qwen_config()), ["llm", "projectors"])
+    n_all = sum(p.numel() for p in full.parameters())
+    n_train = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    static = 4 * n_all + 4 * n_train + 8 * n_train
+    acts = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = sft_model(qwen_config(layers), "cpu")
+        acts.append(saved_bytes(model, big_sample(model.config, tokens, "cpu")))
+    per_layer, base = acts[1] - acts[0], 2 * acts[0] - acts[1]
+    activations = base + per_layer * full.config.llm.num_hidden_layers
+    model.llm.gradient_checkpointing = False  # one layer's activations, as backward recomputes it
+    layer = (saved_bytes(model, big_sample(model.config, tokens, "cpu")) - acts[1]) // 2 + per_layer
+    total = static + activations + layer
+    print(f"qwen3_0_6b SFT step, {tokens} tokens, bf16 autocast + grad checkpointing, LLM + projectors trainable "
+          f"(CPU accounting, see the docstring):\n"
+          f"  params {n_all / 1e6:.0f}M ({n_train / 1e6:.0f}M trainable): weights {4 * n_all / GB:.2f} GiB + grads "
+          f"{4 * n_train / GB:.2f} GiB + AdamW {8 * n_train / GB:.2f} GiB\n"
+          f"  activations saved for backward {activations / GB:.2f} GiB ({per_layer / 2**20:.1f} MiB per layer) + "
+          f"one recomputed layer {layer / GB:.2f} GiB\n"
+          f"  estimated peak {total / GB:.2f} GiB (+ CUDA context and allocator slack on a GPU)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/toyworld")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--skip_tiny", action="store_true")
+    args = p.parse_args()
+    if not args.skip_tiny:
+        tiny_throughput(args.data, args.steps)
+    (gpu_peak if torch.cuda.is_available() else cpu_accounting)(args.tokens)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Warm-up heads: give a randomly initialised tiny tower a short pretraining of its own before alignment.
+
+The real recipe starts from towers that arrive pretrained (SigLIP on image-text pairs, Whisper on ASR). Training
+a tiny omni model jointly from random init spends its budget learning to see and hear at the same time as
+learning to talk. These heads reproduce "arrives pretrained" in a minute each: direct, dense targets read from
+ToyWorld's ground truth, thrown away after the warm-up (only the tower's weights move on to `align`).
+
+- VisionWarmup: per 3x3-cell colour / shape / size classification from the patches inside each cell (so every
+  patch feature must describe what is under it, which is what the resampler's positional keys then route),
+  plus a CTC head reading rendered text left to right over patch columns (glyph features for OCR).
+- AudioWarmup: a CTC head over the encoder frames (50/s) predicting the transcript's characters, as Whisper's
+  encoder was shaped by ASR.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CELL_FIELDS = {"color": 7, "shape": 5, "size": 3}  # class 0 = empty cell; ToyWorld has 6 colours, 4 shapes, 2 sizes
+
+
+def cell_pooling(grid: int, image_size: int, patch_size: int) -> torch.Tensor:
+    """[9, grid*grid] averaging matrix: cell k pools the patches whose centres fall inside 3x3 cell k."""
+    centres = torch.arange(grid) * patch_size + patch_size / 2            # [grid] pixel centre of each patch
+    band = (centres * 3 // image_size).clamp(max=2).long()                # [grid] cell row/col of each patch
+    cell = (band[:, None] * 3 + band[None, :]).flatten()                  # [grid*grid] row-major patches
+    pool = F.one_hot(cell, 9).T.float()                                   # [9, grid*grid]
+    return pool / pool.sum(1, keepdim=True)
+
+
+def _anchor(*modules: nn.Module) -> torch.Tensor:
+    """0 * params of heads a batch did not use, so DDP sees a gradient for every trainable parameter."""
+    return sum((p.sum() * 0.0 for m in modules for p in m.parameters()), torch.zeros(()))
+
+
+class VisionWarmup(nn.Module):
+    """vision tower + cell attribute heads + column CTC head. All images are square, image_size pixels."""
+
+    def __init__(self, tower: nn.Module, image_size: int, num_chars: int, steps_per_column: int = 4):
+        super().__init__()
+        cfg = tower.config
+        self.vision_tower = tower
+        self.grid = image_size // cfg.patch_size
+        self.register_buffer("pool", cell_pooling(self.grid, image_size, cfg.patch_size), persistent=False)
+        self.cell_head = nn.Linear(cfg.hidden_size, sum(CELL_FIELDS.values()))
+        self.steps = steps_per_column
+        self.text_head = nn.Linear(cfg.hidden_size, steps_per_column * (num_chars + 1))  # + CTC blank (id 0)
+
+    def forward(self, pixel_values, cells=None, text=None, text_lens=None, num_scenes: int = 0) -> dict:
+        """pixel_values [N, 3, S, S]: the first num_scenes are scenes (cells Long[num_scenes, 9, 3]: colour,
+        shape, size class per cell), the rest rendered text (text Long[N - num_scenes, L], 1-based char ids)."""
+        n = pixel_values.shape[0]
+        grid_hw = torch.tensor([[self.grid, self.grid]] * n, device=pixel_values.device)
+        feats, _ = self.vision_tower(pixel_values, grid_hw)                      # [N, g*g, D]
+        loss, out = pixel_values.new_zeros(()), {}
+        if num_scenes:
+            pooled = self.pool @ feats[:num_scenes]                               # [Ns, 9, D]
+            logits = self.cell_head(pooled).split(list(CELL_FIELDS.values()), -1)
+            for k, (name, field_logits) in enumerate(zip(CELL_FIELDS, logits)):
+                loss = loss + F.cross_entropy(field_logits.flatten(0, 1).float(), cells[..., k].flatten())
+                out[f"acc_{name}"] = (field_logits.argmax(-1) == cells[..., k]).float().mean()
+        else:
+            loss = loss + _anchor(self.cell_head)
+        if n > num_scenes:
+            cols = feats[num_scenes:].view(n - num_scenes, self.grid, self.grid, -1).mean(1)  # [No, g, D]
+            logits = self.text_head(cols).view(n - num_scenes, self.grid * self.steps, -1)     # [No, g*steps, C+1]
+            logp = logits.float().log_softmax(-1).transpose(0, 1)                              # [T, No, C+1]
+            lens = torch.full((n - num_scenes,), logp.shape[0], dtype=torch.long, device=logp.device)
+            out["ctc_text"] = F.ctc_loss(logp, text, lens, text_lens, zero_infinity=True)
+            loss = loss + out["ctc_text"]
+        else:
+            loss = loss + _anchor(self.text_head)
+        return dict(out, loss=loss, num_tokens=torch.tensor(n * self.grid * self.grid))
+
+
+class AudioWarmup(nn.Module):
+    """audio tower + a CTC head over its frames."""
+
+    def __init__(self, tower: nn.Module, num_chars: int):
+        super().__init__()
+        self.audio_tower = tower
+        self.head = nn.Linear(tower.config.d_model, num_chars + 1)  # + CTC blank (id 0)
+
+    def forward(self, audio_features, audio_feature_lens, text, text_lens) -> dict:
+        """audio_features [N, 80, T], text Long[N, L] (1-based char ids) -> CTC loss over T' = T/2 frames."""
+        states, mask = self.audio_tower(audio_features, audio_feature_lens)   # [N, T', D], [N, T']
+        logp = self.head(states).float().log_softmax(-1).transpose(0, 1)      # [T', N, C+1]
+        loss = F.ctc_loss(logp, text, mask.sum(1), text_lens, zero_infinity=True)
+        return {"loss": loss, "num_tokens": mask.sum()}

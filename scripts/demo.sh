@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole recipe on the tiny preset, on CPU, in one command (run `bash scripts/setup.sh` once before):
+# build ToyWorld, warm up each tower, align, fine-tune, then score the held-out split.
+#   bash scripts/demo.sh                       # DATA=data/toyworld OUT=out/demo
+#   DATA=/tmp/tw OUT=/tmp/demo bash scripts/demo.sh
+# Re-running continues where it stopped (every stage runs with --resume auto); rm -rf "$OUT" to start over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-data/toyworld}
+OUT=${OUT:-out/demo}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep: on a busy CPU, spinning ones steal cores
+COMMON=(--swanlab_mode "${SWANLAB_MODE:-offline}" --resume auto --log_every 25)
+mkdir -p "$OUT/logs"
+TIMES=()
+
+run() {  # run NAME CMD...: log to $OUT/logs/NAME.log, print the last progress line and the time it took
+  local name=$1 start=$SECONDS
+  shift
+  echo "== $name: $*"
+  if ! "$@" > "$OUT/logs/$name.log" 2>&1; then
+    tail -n 30 "$OUT/logs/$name.log"
+    echo "$name failed (full log: $OUT/logs/$name.log)"
+    exit 1
+  fi
+  tr '\r' '\n' < "$OUT/logs/$name.log" | grep -E "^step " | tail -n 1 || true
+  TIMES+=("$(printf '%-8s %5d s' "$name" $((SECONDS - start)))")
+}
+
+[ -f "$DATA/test.jsonl" ] || run data python dataset/build_toyworld.py --out "$DATA"
+run vision python train_pretrain_omni.py --stage vision --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
+  --out "$OUT/vision" "${COMMON[@]}"
+run audio python train_pretrain_omni.py --stage audio --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
+  --init "$OUT/vision" --out "$OUT/audio" "${COMMON[@]}"
+run text python train_pretrain_omni.py --stage text --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
+  --init "$OUT/audio" --out "$OUT/text" "${COMMON[@]}"
+run align python train_pretrain_omni.py --stage align --data "$DATA/pretrain.jsonl" \
+  --init "$OUT/text" --out "$OUT/align" "${COMMON[@]}"
+run sft python train_sft_omni.py --data "$DATA/sft.jsonl" --init "$OUT/align" --out "$OUT/sft" "${COMMON[@]}"
+run eval python eval_omni.py --ckpt "$OUT/sft" --bench "$DATA/test.jsonl" --out "$OUT/results.json"
+
+echo
+sed -n '/^task/,/^scored/p' "$OUT/logs/eval.log"
+echo
+echo "time per stage:"
+printf '  %s\n' "${TIMES[@]}"
+echo "total: $SECONDS s"
+echo "checkpoint: $OUT/sft   (chat: python eval_omni.py --ckpt $OUT/sft --image img.png \"What is in the picture?\")"
+echo "results:    $OUT/results.json, per-sample predictions in $OUT/results.samples.jsonl"

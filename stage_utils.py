@@ -1,0 +1,270 @@
+"""What the omni stage scripts share beyond trainer.py: building the model (tiny preset, a previous stage's
+output, or real Qwen3 / SigLIP2 / Whisper folders), choosing what trains, the datasets and their batch order
+(instruction data, text-only data, the vision and audio warm-up data), and saving a stage's output.
+
+A stage's output folder (`--out`) ends up holding config.json + model.safetensors + the tokenizer files, so it is
+both the next stage's `--init` and `eval_omni.py --ckpt`. Its step_<N>/ subfolders are trainer.py's resumable
+checkpoints (trainable weights only: everything frozen is rebuilt from --init, or from --seed for a random init).
+"""
+import json
+import os
+from functools import partial
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from dataset.chat import MARKERS, tokenize_conversation
+from dataset.media import audio_features, image_to_tensor, load_image, read_video
+from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
+from dataset.tokenizer import load_tokenizer
+from model.lora import apply_lora, merge_lora
+from model.model_omni import OmniConfig, OmniModel
+from model.warmup_heads import CELL_FIELDS
+
+TOWERS = ("llm", "vision", "audio")  # components that can come from a pretrained folder
+
+
+# ----------------------------------------------------------------------------- command line
+def add_model_args(parser, data: list[str], tasks: str = ""):
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--preset", default="tiny", choices=["tiny", "qwen3_0_6b"], help="shapes of a random-init model")
+    g.add_argument("--init", default="", help="start from a stage output folder (config.json + weights + tokenizer)")
+    g.add_argument("--llm", default="", help="local Qwen3 folder (with --vision and --audio: real pretrained towers)")
+    g.add_argument("--vision", default="", help="local SigLIP/SigLIP2 folder")
+    g.add_argument("--audio", default="", help="local Whisper folder (its encoder is used)")
+    g.add_argument("--tokenizer", default="", help="tokenizer folder for --preset (default: next to the data)")
+    g.add_argument("--data", nargs="+", default=data, help="training jsonl files")
+    g.add_argument("--tasks", default=tasks, help="comma-separated task filter on the samples' 'task' field")
+    g.add_argument("--max_length", type=int, default=1024)
+    g.add_argument("--train", default="", help="comma-separated components that train: vision,audio,llm,resampler,"
+                                                "audio_projector (projectors = both projectors)")
+    return parser
+
+
+def component_lrs(args, defaults: dict[str, float]) -> dict[str, float]:
+    """{component: lr} defaults -> trainer's {name prefix: lr}; --lr_for PREFIX=LR on the command line wins."""
+    prefixes = {c: attr + "." for c, attr in OmniModel.COMPONENTS.items()}
+    return {**{prefixes[c]: lr for c, lr in defaults.items()}, **dict(args.lr_for)}
+
+
+# ----------------------------------------------------------------------------- the model
+def build_model(args) -> tuple[OmniModel, object]:
+    """-> (model, tokenizer). Seeded first, so a random init is rebuilt bit-identically when a run resumes."""
+    torch.manual_seed(args.seed)
+    if args.init:
+        model, tokenizer = OmniModel.from_pretrained(args.init), load_tokenizer(args.init)
+    elif args.llm or args.vision or args.audio:
+        if not (args.llm and args.vision and args.audio):
+            raise SystemExit("--llm, --vision and --audio go together (local Qwen3, SigLIP2 and Whisper folders)")
+        model, tokenizer = OmniModel.from_hf_folders(args.llm, args.vision, args.audio), load_tokenizer(args.llm)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer or os.path.join(os.path.dirname(args.data[0]), "tokenizer"))
+        config = OmniConfig.preset(args.preset)
+        if args.preset == "tiny":  # the demo's vocabulary is the ToyWorld tokenizer's, rounded up
+            config.llm.vocab_size = -(-len(tokenizer) // 64) * 64
+        model = OmniModel(config)
+    if len(tokenizer) > model.config.llm.vocab_size:
+        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the LLM only {model.config.llm.vocab_size} rows")
+    model.config.set_token_ids(tokenizer)
+    return model, tokenizer
+
+
+def set_trainable(model: OmniModel, components: list[str], lora_rank: int = 0, lora_alpha: float = 0.0):
+    """Freeze everything, then unfreeze `components`. With lora_rank the LLM trains through LoRA on q/k/v/o only.
+    Towers that train no longer match their source folder, so they stop being external (they get saved)."""
+    model.requires_grad_(False)
+    llm_full = "llm" in components and not lora_rank
+    model.unfreeze(*[c for c in components if c != "llm" or llm_full])
+    if lora_rank:
+        apply_lora(model, lora_rank, lora_alpha or lora_rank)
+    model.audio_tower.embed_positions.requires_grad_(False)  # Whisper's sinusoids stay fixed
+    for c in components:
+        model.config.external_weights.pop(c, None)
+    return model
+
+
+def save_stage(model: OmniModel, tokenizer, out: str, args):
+    """The stage output: a plain OmniModel checkpoint (LoRA merged) + tokenizer + the arguments, rank 0 only.
+    Towers still identical to their pretrained folders are not copied (config.external_weights points at them)."""
+    merge_lora(model)
+    model.save_pretrained(out, exclude=tuple(c for c in TOWERS if c in model.config.external_weights))
+    tokenizer.save_pretrained(out)
+    with open(os.path.join(out, "stage_args.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k != "lr_for"} | {"lr_for": dict(args.lr_for)}, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- instruction data
+def _task_filter(dataset: OmniDataset, tasks: set[str]) -> list[int]:
+    return [i for i, (_, s) in enumerate(dataset.records) if not tasks or s.get("task") in tasks]
+
+
+def omni_data(args, config, tokenizer):
+    """-> (dataset, collate_fn, batches_fn) over every --data file, filtered by --tasks, length-grouped."""
+    tasks = set(filter(None, args.tasks.split(",")))
+    parts, lengths = [], []
+    for path in args.data:
+        full = OmniDataset(path, tokenizer, config, args.max_length)
+        keep = _task_filter(full, tasks)
+        parts.append(Subset(full, keep))
+        lengths += [full.lengths[i] for i in keep]
+    return (ConcatDataset(parts), partial(collate, pad_id=tokenizer.pad_token_id),
+            partial(length_grouped_batches, lengths, args.batch_size, args.seed))
+
+
+class TextDataset(Dataset):
+    """The conversations with their media removed: the LLM's warm-up on ToyWorld language (answer formats,
+    vocabulary), as a real LLM arrives knowing its language. Samples left without a question are dropped."""
+
+    def __init__(self, paths: list[str], tokenizer):
+        self.tokenizer, self.samples = tokenizer, []
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    sample = json.loads(line)
+                    turns = [dict(t, content=self._strip(t["content"])) for t in sample["conversations"]]
+                    if all(t["content"] for t in turns):
+                        self.samples.append({"conversations": turns, "thinking": sample.get("thinking", False)})
+
+    @staticmethod
+    def _strip(text: str) -> str:
+        for marker in MARKERS.values():
+            text = text.replace(marker, "")
+        return text.strip()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        input_ids, labels = tokenize_conversation(self.samples[i], self.tokenizer)
+        return {"input_ids": input_ids, "labels": labels}
+
+
+def text_data(args, tokenizer):
+    dataset = TextDataset(args.data, tokenizer)
+    lengths = [sum(len(t["content"]) for t in s["conversations"]) for s in dataset.samples]
+    return (dataset, partial(collate, pad_id=tokenizer.pad_token_id),
+            partial(length_grouped_batches, lengths, args.batch_size, args.seed))
+
+
+# ----------------------------------------------------------------------------- warm-up data (ToyWorld ground truth)
+def charset(paths: list[str]) -> list[str]:
+    """Every character of the OCR texts and transcripts (lower-cased: the benchmark ignores case)."""
+    chars = set()
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                meta = json.loads(line).get("meta", {})
+                chars.update((meta.get("text") or "").lower() + (meta.get("transcript") or "").lower())
+    return sorted(chars)
+
+
+def encode_chars(text: str, chars: list[str]) -> torch.Tensor:
+    index = {c: i + 1 for i, c in enumerate(chars)}  # 0 is the CTC blank
+    return torch.tensor([index[c] for c in text.lower() if c in index], dtype=torch.long)
+
+
+def scene_cells(objects: list[dict]) -> torch.Tensor:
+    """Ground-truth objects -> Long[9, 3]: (colour, shape, size) class of each 3x3 cell, 0 = empty."""
+    from dataset.toyworld_text import COLORS, SHAPES, SIZES
+    cells = torch.zeros(9, len(CELL_FIELDS), dtype=torch.long)
+    for o in objects:
+        cells[o["cell"][0] * 3 + o["cell"][1]] = torch.tensor(
+            [list(COLORS).index(o["color"]) + 1, list(SHAPES).index(o["shape"]) + 1, list(SIZES).index(o["size"]) + 1])
+    return cells
+
+
+def _cell_of(obj: dict, box: list[int], size: int) -> dict:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return dict(obj, cell=[min(2, int(cy * 3 // size)), min(2, int(cx * 3 // size))])
+
+
+class VisionWarmupData(Dataset):
+    """Items: a scene image (or all frames of a clip) with per-cell targets, or a square OCR image with its text."""
+
+    def __init__(self, paths: list[str], chars: list[str], image_size: int):
+        self.chars, self.size, self.items = chars, image_size, []
+        for path in paths:
+            root = os.path.dirname(os.path.abspath(path))
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    s = json.loads(line)
+                    m, images = s.get("meta", {}), [os.path.join(root, p) for p in s.get("images") or []]
+                    if s.get("task") == "ocr" and m.get("layout") == "square":
+                        self.items.append(("text", images[0], m["text"]))
+                    elif "scenes" in m:
+                        self.items += [("scene", p, sc["objects"]) for p, sc in zip(images, m["scenes"])]
+                    elif "scene" in m and images:
+                        self.items.append(("scene", images[0], m["scene"]["objects"]))
+                    elif s.get("task") == "video":
+                        self.items.append(("video", os.path.join(root, s["videos"][0]), m))
+
+    def __len__(self):
+        return len(self.items)
+
+    def _video_frames(self, path: str, m: dict) -> list[list[dict]]:
+        """Objects visible in each frame, from the clip's ground truth (moving object: its box in that frame)."""
+        if m["kind"] == "move":
+            return [m["objects"] + [_cell_of(m["object"], box, self.size)] for box in m["track"]]
+        return [m["objects"] + ([m["object"]] if t >= m["appear_frame"] else []) for t in range(m["num_frames"])]
+
+    def __getitem__(self, i):
+        kind, path, target = self.items[i]
+        if kind == "text":
+            return {"scenes": [], "texts": [(image_to_tensor(load_image(path)), encode_chars(target, self.chars))]}
+        if kind == "scene":
+            return {"scenes": [(image_to_tensor(load_image(path)), scene_cells(target))], "texts": []}
+        frames, _ = read_video(path, max_frames=64)
+        return {"scenes": [(image_to_tensor(f), scene_cells(objs)) for f, objs in
+                           zip(frames, self._video_frames(path, target))], "texts": []}
+
+
+def collate_vision(items: list[dict]) -> dict:
+    scenes = [x for it in items for x in it["scenes"]]
+    texts = [x for it in items for x in it["texts"]]
+    batch = {"pixel_values": torch.stack([px for px, _ in scenes + texts]), "num_scenes": len(scenes)}
+    if scenes:
+        batch["cells"] = torch.stack([c for _, c in scenes])                       # [Ns, 9, 3]
+    if texts:
+        batch["text"] = torch.nn.utils.rnn.pad_sequence([t for _, t in texts], batch_first=True)  # [No, L]
+        batch["text_lens"] = torch.tensor([len(t) for _, t in texts])
+    return batch
+
+
+class AudioWarmupData(Dataset):
+    """Every clip with a transcript (ASR clips and spoken questions) -> (log-mel, character ids)."""
+
+    def __init__(self, paths: list[str], chars: list[str], config: OmniConfig):
+        self.chars, self.config, self.items = chars, config, []
+        for path in paths:
+            root = os.path.dirname(os.path.abspath(path))
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    s = json.loads(line)
+                    if s.get("audios") and s.get("meta", {}).get("transcript"):
+                        self.items.append((os.path.join(root, s["audios"][0]), s["meta"]["transcript"]))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, transcript = self.items[i]
+        mels, _ = audio_features(path, self.config)
+        return {"mel": mels[0], "text": encode_chars(transcript, self.chars)}  # clips are far below 30 s
+
+
+def collate_audio(items: list[dict]) -> dict:
+    mels = torch.zeros(len(items), items[0]["mel"].shape[0], max(it["mel"].shape[-1] for it in items))
+    for k, it in enumerate(items):
+        mels[k, :, :it["mel"].shape[-1]] = it["mel"]
+    return {"audio_features": mels, "audio_feature_lens": torch.tensor([it["mel"].shape[-1] for it in items]),
+            "text": torch.nn.utils.rnn.pad_sequence([it["text"] for it in items], batch_first=True),
+            "text_lens": torch.tensor([len(it["text"]) for it in items])}
+
+
+def warmup_data(args, stage: str, config: OmniConfig, chars: list[str]):
+    """-> (dataset, collate_fn, batches_fn) of the vision or audio warm-up (plain shuffled batches)."""
+    if stage == "vision":
+        dataset, collate_fn = VisionWarmupData(args.data, chars, config.scale_resolution), collate_vision
+    else:
+        dataset, collate_fn = AudioWarmupData(args.data, chars, config), collate_audio
+    return dataset, collate_fn, partial(length_grouped_batches, [0] * len(dataset), args.batch_size, args.seed)

@@ -1,0 +1,146 @@
+"""The stage scripts end to end on a small ToyWorld (CPU): every stage runs and saves a loadable checkpoint, the
+frozen parts stay untouched, a LoRA fine-tune saves merged weights that give the same loss, SIGKILL + --resume
+gives bitwise the same weights as a straight run, and torchrun with 2 ranks resumes with 1."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_pretrain_omni
+import train_sft_omni
+from dataset.build_toyworld import build
+from model.model_omni import OmniModel
+from stage_utils import build_model, omni_data, set_trainable
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4", "--log_every", "1"]
+STAGES = ["vision", "audio", "text", "align", "joint"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    data = tmp_path_factory.mktemp("toyworld")
+    build(str(data), size="small", workers=2)
+    return data
+
+
+@pytest.fixture(scope="module")
+def chain(world, tmp_path_factory):
+    """Every pretraining stage for 2 steps, each starting from the previous one, then SFT (in-process)."""
+    out, init = tmp_path_factory.mktemp("stages"), []
+    data = ["--data", str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]
+    for stage in STAGES:
+        train_pretrain_omni.main(["--stage", stage, "--out", str(out / stage), "--max_steps", "2", *data, *init,
+                                  *FAST])
+        init = ["--init", str(out / stage)]
+    train_sft_omni.main(["--out", str(out / "sft"), "--max_steps", "2", "--data", str(world / "sft.jsonl"),
+                         *init, *FAST])
+    return out
+
+
+def weights(folder: Path, prefix: str) -> dict:
+    return {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith(prefix)}
+
+
+def changed(before: Path, after: Path, prefix: str) -> bool:
+    a, b = weights(before, prefix), weights(after, prefix)
+    assert a.keys() == b.keys() and a
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_stage_saves_a_loadable_checkpoint(chain):
+    for stage in STAGES + ["sft"]:
+        folder = chain / stage
+        assert (folder / "tokenizer.json").is_file() and (folder / "step_2").is_dir()
+        OmniModel.from_pretrained(str(folder))
+
+
+def test_each_stage_trains_only_its_components(chain):
+    trains = {"audio": ["audio_tower."], "text": ["llm."], "align": ["resampler.", "audio_projector."],
+              "joint": ["vision_tower.", "audio_tower.", "llm.", "resampler.", "audio_projector."]}
+    prev = "vision"
+    for stage in STAGES[1:]:
+        for prefix in ["vision_tower.", "audio_tower.", "llm.", "resampler.", "audio_projector."]:
+            assert changed(chain / prev, chain / stage, prefix) == (prefix in trains[stage]), (stage, prefix)
+        prev = stage
+
+
+def test_warmup_refuses_pretrained_towers(chain, monkeypatch):
+    model, tokenizer = OmniModel.from_pretrained(str(chain / "align")), None
+    model.config.external_weights["llm"] = "/a/qwen3/folder"
+    monkeypatch.setattr(train_pretrain_omni, "build_model", lambda args: (model, tokenizer))
+    with pytest.raises(SystemExit, match="start at --stage align"):
+        train_pretrain_omni.main(["--stage", "text", "--out", str(chain / "never"), *FAST])
+
+
+def test_lora_merged_checkpoint_gives_the_lora_models_loss(chain, world, tmp_path):
+    out = tmp_path / "lora"
+    argv = ["--init", str(chain / "joint"), "--out", str(out), "--max_steps", "2", "--lora_rank", "4", "--lr", "1e-2",
+            "--data", str(world / "sft.jsonl"), *FAST]
+    train_sft_omni.main(argv)
+    args = train_sft_omni.parse_args(argv)
+    lora_model, tokenizer = build_model(args)  # the in-memory LoRA model, restored from the last step's weights
+    set_trainable(lora_model, args.train.split(","), args.lora_rank)
+    lora_model.load_state_dict(load_file(str(out / "step_2" / "model.safetensors")), strict=False)
+    assert any("lora_B" in k for k in load_file(str(out / "step_2" / "model.safetensors")))
+    merged = OmniModel.from_pretrained(str(out))
+    assert not any("lora" in k for k in merged.state_dict())
+    dataset, collate_fn, _ = omni_data(args, merged.config, tokenizer)
+    batch = collate_fn([dataset[i] for i in range(8)])
+    with torch.no_grad():
+        a, b = lora_model.eval()(**batch)["loss"], merged.eval()(**batch)["loss"]
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
+
+
+def run_sft(out: Path, *extra, nproc=1, wait=True):
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                   if nproc > 1 else [])
+    cmd = launcher + ["train_sft_omni.py", "--out", str(out), *FAST, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every run -> bitwise comparable
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_sigkill_then_resume_equals_straight_run(chain, world, tmp_path):
+    """LLM + projectors train, the towers stay frozen and are rebuilt from --init when the run resumes."""
+    args = ["--init", str(chain / "joint"), "--data", str(world / "sft.jsonl"), "--train", "llm,projectors",
+            "--max_steps", "6", "--save_every", "1", "--resume", "auto"]
+    run_sft(tmp_path / "straight", *args)
+    kill_after = random.Random(0).randint(2, 4)
+    proc = run_sft(tmp_path / "crashed", *args, wait=False)
+    latest = tmp_path / "crashed" / "latest"
+    while proc.poll() is None and not (latest.is_file() and latest.read_text().strip() == f"step_{kill_after}"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "crashed" / "model.safetensors").exists()
+    run_sft(tmp_path / "crashed", *args)
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "crashed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert set(load_file(str(tmp_path / "crashed" / "step_6" / "model.safetensors"))) == {
+        k for k in a if k.startswith(("llm.", "resampler.", "audio_projector."))} - {"llm.lm_head.weight"}
+
+
+def test_torchrun_two_ranks_then_resume_with_one(chain, world, tmp_path):
+    args = ["--init", str(chain / "joint"), "--data", str(world / "sft.jsonl"), "--save_every", "3"]
+    run_sft(tmp_path, *args, "--max_steps", "3", nproc=2)
+    run_sft(tmp_path, *args, "--max_steps", "5", "--resume", "auto")
+    first = torch.load(tmp_path / "step_3" / "trainer.pt", weights_only=False)
+    second = torch.load(tmp_path / "step_5" / "trainer.pt", weights_only=False)
+    assert (first["world_size"], first["step"], first["epoch"], first["pos"]) == (2, 3, 0, 6)
+    # 2 ranks consumed 6 micro-batches of 4 samples; 1 rank takes the next 2 in 2 more steps
+    per_epoch = -(-sum(1 for _ in open(world / "sft.jsonl")) // 4)
+    assert (second["world_size"], second["step"], second["epoch"] * per_epoch + second["pos"]) == (1, 5, 8)
+    OmniModel.from_pretrained(str(tmp_path))

@@ -1,0 +1,81 @@
+"""Pretraining: tower warm-ups, modality alignment, joint pretraining. One stage per run; each stage's --out is
+the next one's --init (and a checkpoint eval_omni.py can chat with).
+
+    python train_pretrain_omni.py --stage vision --out out/vision            # tiny towers only: warm-ups
+    python train_pretrain_omni.py --stage audio  --out out/audio  --init out/vision
+    python train_pretrain_omni.py --stage text   --out out/text   --init out/audio
+    python train_pretrain_omni.py --stage align  --out out/align  --init out/text    # resampler + audio projector
+    python train_pretrain_omni.py --stage joint  --out out/joint  --init out/align   # everything trains
+    torchrun --nproc_per_node 2 train_pretrain_omni.py --stage align ...          # DDP: NCCL on GPU, gloo on CPU
+
+Stages (see the README for the why):
+- vision / audio / text: the tiny recipe's stand-in for towers that arrive pretrained. The vision tower learns
+  per-cell colour/shape/size and reads text (CTC) from ToyWorld ground truth, the audio tower transcribes (CTC),
+  the LLM learns ToyWorld's language. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
+- align: the original's first stage: encoders and LLM frozen, only the resampler and audio projector learn to
+  map media into the LLM's embedding space (caption, OCR, ASR data).
+- joint: the same data with more parts unfrozen (--train, per-component learning rates with --lr_for).
+"""
+import argparse
+
+from model.warmup_heads import AudioWarmup, VisionWarmup
+from stage_utils import (add_model_args, build_model, charset, component_lrs, omni_data, save_stage,
+                         set_trainable, text_data, warmup_data)
+from trainer import Trainer, add_common_args, cleanup_distributed, is_main
+
+DATA = "data/toyworld"
+WARMUP_DATA = [f"{DATA}/pretrain.jsonl", f"{DATA}/sft.jsonl"]  # every image, OCR text and transcript of the train split
+# Per-stage defaults (all overridable on the command line); lrs maps components to their learning rate.
+STAGES = {
+    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=1, batch_size=32, lr=2e-3, lrs={}),
+    "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
+    "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=1, batch_size=32, lr=2e-3, lrs={}),
+    "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=1,
+                  batch_size=16, lr=2e-3, lrs={}),
+    "joint": dict(train="vision,audio,llm,projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr",
+                  epochs=1, batch_size=16, lr=1e-3, lrs={"vision": 5e-4, "audio": 5e-4}),
+}
+
+
+def parse_args(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--stage", choices=list(STAGES), default="align")
+    stage = pre.parse_known_args(argv)[0].stage
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=list(STAGES), default="align")
+    defaults = dict(STAGES[stage])
+    add_model_args(parser, data=defaults.pop("data"), tasks=defaults.pop("tasks"))
+    add_common_args(parser)
+    lrs = defaults.pop("lrs")
+    parser.set_defaults(out=f"out/{stage}", warmup_ratio=0.05, **defaults)
+    args = parser.parse_args(argv)
+    args.component_lrs = lrs
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer = build_model(args)
+    if args.stage in ("vision", "audio", "text") and model.config.external_weights:
+        raise SystemExit(f"--stage {args.stage} warms up a randomly initialised tower; pretrained towers "
+                         f"({', '.join(model.config.external_weights)}) start at --stage align")
+    set_trainable(model, args.train.split(","))
+    if args.stage in ("vision", "audio"):  # a throw-away head on the tower; only the tower moves on
+        chars = charset(args.data)
+        net = (VisionWarmup(model.vision_tower, model.config.scale_resolution, len(chars)) if args.stage == "vision"
+               else AudioWarmup(model.audio_tower, len(chars)))
+        data = warmup_data(args, args.stage, model.config, chars)
+    elif args.stage == "text":
+        net, data = model, text_data(args, tokenizer)
+    else:
+        net, data = model, omni_data(args, model.config, tokenizer)
+    print(f"stage {args.stage}: training {model.trainable_components()}, {len(data[0])} samples")
+    Trainer(args, net, *data, lr_for=component_lrs(args, args.component_lrs)).fit()
+    if is_main():
+        save_stage(model.cpu(), tokenizer, args.out, args)
+        print(f"saved the stage output to {args.out}")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
