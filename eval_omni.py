@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from dataset.chat import conversation_messages
-from dataset.omni_dataset import collate
+from dataset.judge import hallucination_metrics
+from dataset.omni_dataset import collate, left_pad
 from dataset.processor import OmniProcessor
 from model.model_omni import OmniModel
 
@@ -59,14 +60,6 @@ def score(task: str, prediction: str, reference: str) -> float:
 
 
 # ----------------------------------------------------------------------------- batched generation
-def left_pad(batch: dict) -> dict:
-    """Generation appends on the right, so each prompt row is rolled to end at the last column."""
-    mask = batch["attention_mask"]
-    shifts = mask.shape[1] - mask.sum(1)
-    idx = (torch.arange(mask.shape[1])[None] - shifts[:, None]) % mask.shape[1]  # [B, T]
-    return dict(batch, input_ids=batch["input_ids"].gather(1, idx), attention_mask=mask.gather(1, idx))
-
-
 def bench_prompts(path: str, tasks: set[str] | None, limit: int | None):
     """(sample, messages without the final answer, reference answer) for every benchmark line."""
     root = os.path.dirname(os.path.abspath(path))
@@ -111,6 +104,8 @@ def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max
         by_task[r["task"]].append(r["score"])
     results = {"tasks": {task: {"metric": "char_acc" if task in CHAR_TASKS else "exact_match",
                                 "value": sum(v) / len(v), "n": len(v)} for task, v in sorted(by_task.items())}}
+    if "caption" in by_task:  # judged claim by claim, by the judge that ranks the DPO pairs (dataset/judge.py)
+        results["hallucination"] = hallucination_metrics(records, [sample for sample, *_ in items])
     return results, records
 
 
@@ -118,6 +113,10 @@ def print_table(results: dict):
     print(f"{'task':<14}{'metric':<13}{'value':>8}{'n':>6}")
     for task, r in results["tasks"].items():
         print(f"{task:<14}{r['metric']:<13}{r['value']:>8.3f}{r['n']:>6}")
+    if "hallucination" in results:
+        h = results["hallucination"]
+        print(f"captions with a false claim {h['rate']:.3f}, false claims per caption {h['per_caption']:.3f}, "
+              f"shapes per caption {h['shapes_per_caption']:.2f} (n {h['n']})")
 
 
 def load(ckpt: str, tokenizer: str | None, device: str):

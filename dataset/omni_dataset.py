@@ -130,7 +130,8 @@ class OmniDataset(Dataset):
                  "video_temporal_ids": torch.cat([item[2] for item in loaded]),
                  "video_group_sizes": torch.cat([item[3] for item in loaded])}, [item[4] for item in loaded])
 
-    def _load(self, sample: dict) -> dict:
+    def _load_media(self, sample: dict) -> tuple[dict, dict]:
+        """-> (this sample's media tensors, placeholder strings per kind); a reader error becomes a skip reason."""
         out, expansions = {}, {}
         try:
             for kind, load in (("image", self._images), ("audio", self._audios), ("video", self._videos)):
@@ -140,6 +141,10 @@ class OmniDataset(Dataset):
             raise
         except Exception as e:  # PIL, soundfile, PyAV all raise their own types for a broken file
             raise SampleError("unreadable_media", f"{type(e).__name__}: {e}") from e
+        return out, expansions
+
+    def _load(self, sample: dict) -> dict:
+        out, expansions = self._load_media(sample)
         input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)  # [T], [T]
         if len(input_ids) > self.max_length:
             raise SampleError("too_long", f"{len(input_ids)} tokens > max_length {self.max_length}")
@@ -182,6 +187,15 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
         if parts:
             batch[key] = torch.cat(parts)
     return batch
+
+
+def left_pad(batch: dict) -> dict:
+    """Right-padded batch -> left-padded (generation appends on the right, so every prompt must end at the last
+    column). Rows are rolled, so the order of media placeholders is unchanged."""
+    mask = batch["attention_mask"]
+    shifts = mask.shape[1] - mask.sum(1)
+    idx = (torch.arange(mask.shape[1], device=mask.device)[None] - shifts[:, None]) % mask.shape[1]  # [B, T]
+    return dict(batch, input_ids=batch["input_ids"].gather(1, idx), attention_mask=mask.gather(1, idx))
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,

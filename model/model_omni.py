@@ -4,7 +4,6 @@ Read top to bottom: special tokens, config, placeholder counts, the Resampler (i
 the AudioProjector, then OmniModel (embedding splice, loss, generation, freezing, save/load).
 """
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The whole recipe on the tiny preset, on CPU, in one command (run `bash scripts/setup.sh` once before):
+# The whole recipe on the tiny preset, on CPU, in one command (set-up included: scripts/setup.sh is idempotent):
 # build ToyWorld, warm up each tower, align, fine-tune, then score the held-out split.
 #   bash scripts/demo.sh                       # DATA=data/toyworld OUT=out/demo
 #   DATA=/tmp/tw OUT=/tmp/demo bash scripts/demo.sh
+#   DPO=1 bash scripts/demo.sh                 # + the RLAIF-V DPO stage (pairs from the SFT model, DPO, eval)
 # Re-running continues where it stopped (every stage runs with --resume auto); rm -rf "$OUT" to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 DATA=${DATA:-data/toyworld}
 OUT=${OUT:-out/demo}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep: on a busy CPU, spinning ones steal cores
@@ -39,7 +41,15 @@ run sft python train_sft_omni.py --data "$DATA/sft.jsonl" --init "$OUT/align" --
 run eval python eval_omni.py --ckpt "$OUT/sft" --bench "$DATA/test.jsonl" --out "$OUT/results.json"
 
 echo
-sed -n '/^task/,/^scored/p' "$OUT/logs/eval.log"
+sed -n '/^task/,/^captions/p' "$OUT/logs/eval.log"
+if [ "${DPO:-0}" = 1 ]; then  # RLAIF-V: the SFT model's own answers, ranked by the claim judge, then DPO
+  [ -f "$OUT/dpo_pairs.jsonl" ] || run pairs python dataset/build_preferences.py --ckpt "$OUT/sft" \
+    --data "$DATA/sft.jsonl" --out "$OUT/dpo_pairs.jsonl" --limit 100
+  run dpo python train_dpo_omni.py --init "$OUT/sft" --data "$OUT/dpo_pairs.jsonl" --out "$OUT/dpo" "${COMMON[@]}"
+  run eval_dpo python eval_omni.py --ckpt "$OUT/dpo" --bench "$DATA/test.jsonl" --out "$OUT/results_dpo.json"
+  echo "after DPO:"
+  sed -n '/^task/,/^captions/p' "$OUT/logs/eval_dpo.log"
+fi
 echo
 echo "time per stage:"
 printf '  %s\n' "${TIMES[@]}"
