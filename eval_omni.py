@@ -92,10 +92,8 @@ def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, stop_ids=stop)
         for (sample, _, reference, _), ids in zip(chunk, out.tolist()):
-            ids = ids[:ids.index(stop[0])] if stop[0] in ids else ids
+            ids = ids[:min((ids.index(s) for s in stop if s in ids), default=len(ids))]  # up to the first stop
             prediction = processor.tokenizer.decode(ids, skip_special_tokens=False)
-            for s in stop:
-                prediction = prediction.split(processor.tokenizer.convert_ids_to_tokens(s))[0]
             task = sample.get("task", "unknown")
             records.append({"id": sample.get("id"), "task": task, "prediction": prediction, "reference": reference,
                             "score": score(task, prediction, reference)})

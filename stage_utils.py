@@ -20,6 +20,7 @@ from dataset.tokenizer import load_tokenizer
 from model.lora import apply_lora, merge_lora
 from model.model_omni import OmniConfig, OmniModel
 from model.warmup_heads import CELL_FIELDS
+from trainer import cleanup_distributed, is_main
 
 TOWERS = ("llm", "vision", "audio")  # components that can come from a pretrained folder
 
@@ -81,6 +82,14 @@ def set_trainable(model: OmniModel, components: list[str], lora_rank: int = 0, l
     for c in components:
         model.config.external_weights.pop(c, None)
     return model
+
+
+def finish_stage(model: OmniModel, tokenizer, args):
+    """After training: rank 0 writes the stage output to --out; every rank leaves the process group."""
+    if is_main():
+        save_stage(model.cpu(), tokenizer, args.out, args)
+        print(f"saved the stage output to {args.out}")
+    cleanup_distributed()
 
 
 def save_stage(model: OmniModel, tokenizer, out: str, args):

@@ -28,8 +28,8 @@ from torch.utils.data import ConcatDataset, Subset
 from dataset.chat import tokenize_conversation
 from dataset.omni_dataset import OmniDataset, SampleError, collate, length_grouped_batches
 from model.model_omni import MediaInputs, OmniModel
-from stage_utils import add_model_args, build_model, save_stage, set_trainable
-from trainer import Trainer, add_common_args, cleanup_distributed, is_main
+from stage_utils import add_model_args, build_model, finish_stage, set_trainable
+from trainer import Trainer, add_common_args
 
 MEDIA_COMPONENTS = ("vision", "audio", "resampler", "audio_projector")
 
@@ -152,7 +152,7 @@ class DPOModel(nn.Module):
             sft = -token_logps[rows < B].mean()                                                # chosen tokens
             loss, out["sft_loss"] = loss + self.sft_weight * sft, sft.detach()
         if self.training:  # keeps the unused modality branches in the graph (DDP)
-            loss = loss + self.policy._unused_branch_anchor(media).to(loss.device)
+            loss = loss + self.policy.unused_branch_anchor(media).to(loss.device)
         return dict(out, loss=loss)
 
 
@@ -184,10 +184,7 @@ def main(argv=None):
     # --lr_for prefixes name the model's parameters (llm.=...), which live under policy. in the DPO wrapper
     trainer_args = argparse.Namespace(**{**vars(args), "lr_for": [("policy." + k, v) for k, v in args.lr_for]})
     Trainer(trainer_args, model, *data).fit()
-    if is_main():
-        save_stage(policy.cpu(), tokenizer, args.out, args)
-        print(f"saved the stage output to {args.out}")
-    cleanup_distributed()
+    finish_stage(policy, tokenizer, args)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ Stages (see the README for the why):
 import argparse
 
 from model.warmup_heads import AudioWarmup, VisionWarmup
-from stage_utils import (add_model_args, build_model, charset, component_lrs, omni_data, save_stage,
+from stage_utils import (add_model_args, build_model, charset, component_lrs, finish_stage, omni_data,
                          set_trainable, text_data, warmup_data)
-from trainer import Trainer, add_common_args, cleanup_distributed, is_main
+from trainer import Trainer, add_common_args
 
 DATA = "data/toyworld"
 WARMUP_DATA = [f"{DATA}/pretrain.jsonl", f"{DATA}/sft.jsonl"]  # every image, OCR text and transcript of the train split
@@ -71,10 +71,7 @@ def main(argv=None):
         net, data = model, omni_data(args, model.config, tokenizer)
     print(f"stage {args.stage}: training {model.trainable_components()}, {len(data[0])} samples")
     Trainer(args, net, *data, lr_for=component_lrs(args, args.component_lrs)).fit()
-    if is_main():
-        save_stage(model.cpu(), tokenizer, args.out, args)
-        print(f"saved the stage output to {args.out}")
-    cleanup_distributed()
+    finish_stage(model, tokenizer, args)
 
 
 if __name__ == "__main__":

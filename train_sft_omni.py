@@ -11,8 +11,8 @@ checkpoint. Frozen towers that came from pretrained folders are not copied into 
 """
 import argparse
 
-from stage_utils import add_model_args, build_model, component_lrs, omni_data, save_stage, set_trainable
-from trainer import Trainer, add_common_args, cleanup_distributed, is_main
+from stage_utils import add_model_args, build_model, component_lrs, finish_stage, omni_data, set_trainable
+from trainer import Trainer, add_common_args
 
 DATA = "data/toyworld"
 
@@ -37,10 +37,7 @@ def main(argv=None):
     lora = f" (LLM through LoRA r={args.lora_rank})" if args.lora_rank else ""
     print(f"sft: training {model.trainable_components()}{lora}, {len(data[0])} samples")
     Trainer(args, model, *data, lr_for=component_lrs(args, {})).fit()
-    if is_main():
-        save_stage(model.cpu(), tokenizer, args.out, args)
-        print(f"saved the stage output to {args.out}")
-    cleanup_distributed()
+    finish_stage(model, tokenizer, args)
 
 
 if __name__ == "__main__":

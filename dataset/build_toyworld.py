@@ -195,17 +195,22 @@ def word(lang: str, key: str, table: dict) -> str:
     return key if lang == "en" else table[key][1]
 
 
-def ask_color(rng, lang):
-    """'What color is the star?' (its shape unique) or 'What color is the shape in the center?'."""
+def pick_target(rng, key: str):
+    """A scene and one of its objects, named by its `key` ("shape"/"color") when that is unique in the scene
+    (70%) or else by its grid cell -> (scene, target, named_by_key)."""
     while True:
         scene = sample_scene(rng, 1, 5)
         objs = scene["objects"]
-        shapes = Counter(o["shape"] for o in objs)
-        by_shape = rng.random() < 0.7
-        pool = [o for o in objs if shapes[o["shape"]] == 1] if by_shape else objs
+        counts = Counter(o[key] for o in objs)
+        by_key = rng.random() < 0.7
+        pool = [o for o in objs if counts[o[key]] == 1] if by_key else objs
         if pool:
-            break
-    target = rng.choice(pool)
+            return scene, rng.choice(pool), by_key
+
+
+def ask_color(rng, lang):
+    """'What color is the star?' (its shape unique) or 'What color is the shape in the center?'."""
+    scene, target, by_shape = pick_target(rng, "shape")
     if by_shape:
         q, query = T.color_question(lang, rng, shape=target["shape"]), {"shape": target["shape"]}
     else:
@@ -215,15 +220,7 @@ def ask_color(rng, lang):
 
 def ask_shape(rng, lang):
     """'What shape is the green object?' (its colour unique) or 'What shape is at the top left?'."""
-    while True:
-        scene = sample_scene(rng, 1, 5)
-        objs = scene["objects"]
-        colors = Counter(o["color"] for o in objs)
-        by_color = rng.random() < 0.7
-        pool = [o for o in objs if colors[o["color"]] == 1] if by_color else objs
-        if pool:
-            break
-    target = rng.choice(pool)
+    scene, target, by_color = pick_target(rng, "color")
     if by_color:
         q, query = T.shape_question(lang, rng, color=target["color"]), {"color": target["color"]}
     else:

@@ -304,7 +304,7 @@ class OmniModel(nn.Module):
             embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), feats.to(embeds.dtype))
         return embeds
 
-    def _unused_branch_anchor(self, media: MediaInputs) -> torch.Tensor:
+    def unused_branch_anchor(self, media: MediaInputs) -> torch.Tensor:
         """0 * (sum of trainable params of branches this batch did not use): keeps every trainable parameter in
         the autograd graph so DDP does not hang waiting for gradients of a modality missing from one rank."""
         unused = []
@@ -328,7 +328,7 @@ class OmniModel(nn.Module):
         logits = self.llm.lm_head(hidden[:, :-1][keep])           # [N, V] only at labelled positions
         loss = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else hidden.sum() * 0.0
         if self.training:
-            loss = loss + self._unused_branch_anchor(media).to(loss.device)
+            loss = loss + self.unused_branch_anchor(media).to(loss.device)
         out.update(loss=loss, num_label_tokens=keep.sum())
         return out
 
@@ -345,8 +345,8 @@ class OmniModel(nn.Module):
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if top_p < 1.0:
             sorted_logits, order = logits.sort(-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) > top_p        # keep the smallest prefix reaching top_p
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > top_p               # keep the smallest prefix reaching top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
