@@ -2,6 +2,7 @@
 
     python eval_omni.py --ckpt out/sft --image a.png --audio q.wav --video clip.gif "What is in the picture?"
     python eval_omni.py --ckpt out/sft --bench data/toyworld/test.jsonl --out results.json
+    python eval_omni.py --ckpt out/talker --image a.png --speak answer.wav [--voice max] "What color is the star?"
 
 Benchmark metrics: exact match (after normalising case, spaces and final punctuation, and dropping any
 <think> block) for the short-answer tasks; character accuracy = 1 - CER for the transcription tasks.
@@ -15,6 +16,7 @@ import time
 import unicodedata
 from collections import defaultdict
 
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
@@ -140,6 +142,8 @@ def main(argv=None):
     p.add_argument("--tasks", help="comma-separated subset of tasks")
     p.add_argument("--limit", type=int, help="at most this many samples per task")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--speak", metavar="WAV", help="also speak the answer (streamed) into this wav (needs a talker)")
+    p.add_argument("--voice", help="talker voice (default: the first of config.talker.voices)")
     p.add_argument("question", nargs="?")
     args = p.parse_args(argv)
     if not os.path.exists(os.path.join(args.ckpt, "config.json")):
@@ -160,10 +164,33 @@ def main(argv=None):
     if not args.question:
         p.error("give a question (or --bench)")
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.speak:
+        return speak(model, processor, args, sampling)
     for piece in model.chat(processor, args.question, args.image, args.audio, args.video, enable_thinking=args.think,
                             stream=True, max_new_tokens=args.max_new_tokens, **sampling):
         print(piece, end="", flush=True)
     print()
+
+
+def speak(model, processor, args, sampling):
+    """Stream the spoken answer: text as it comes, audio chunks into --speak; report first-audio latency and the
+    real-time factor (wall time / audio seconds)."""
+    if model.talker is None or model.codec is None:
+        sys.exit(f"{args.ckpt} has no talker: train one with train_sft_omni.py --speech_weight 1")
+    t0, first, chunks = time.perf_counter(), None, []
+    for piece, audio in model.chat(processor, args.question, args.image, args.audio, args.video,
+                                   enable_thinking=args.think, stream=True, max_new_tokens=args.max_new_tokens,
+                                   speak=True, voice=args.voice, **sampling):
+        print(piece, end="", flush=True)
+        if len(audio) and first is None:
+            first = time.perf_counter() - t0
+        chunks.append(audio)
+    wall, wav = time.perf_counter() - t0, torch.cat(chunks)
+    sf.write(args.speak, wav.numpy(), model.codec.sample_rate)
+    seconds = len(wav) / model.codec.sample_rate
+    print(f"\nspoke {seconds:.2f} s of audio into {args.speak}: first audio after {first or wall:.2f} s, "
+          f"real-time factor {wall / max(seconds, 1e-9):.2f} ({torch.get_num_threads()} threads)")
+    return wav
 
 
 if __name__ == "__main__":

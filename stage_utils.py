@@ -107,12 +107,13 @@ def _task_filter(dataset: OmniDataset, tasks: set[str]) -> list[int]:
     return [i for i, (_, s) in enumerate(dataset.records) if not tasks or s.get("task") in tasks]
 
 
-def omni_data(args, config, tokenizer):
-    """-> (dataset, collate_fn, batches_fn) over every --data file, filtered by --tasks, length-grouped."""
+def omni_data(args, config, tokenizer, codec=None):
+    """-> (dataset, collate_fn, batches_fn) over every --data file, filtered by --tasks, length-grouped.
+    With the talker's codec, samples with a speech target also yield its codes."""
     tasks = set(filter(None, args.tasks.split(",")))
     parts, lengths = [], []
     for path in args.data:
-        full = OmniDataset(path, tokenizer, config, args.max_length)
+        full = OmniDataset(path, tokenizer, config, args.max_length, codec=codec)
         keep = _task_filter(full, tasks)
         parts.append(Subset(full, keep))
         lengths += [full.lengths[i] for i in keep]

@@ -3,14 +3,21 @@
     python train_sft_omni.py --init out/joint --out out/sft                      # tiny demo: everything trains
     python train_sft_omni.py --init out/align --train projectors,llm --lora_rank 64 --out out/sft_lora
     torchrun --nproc_per_node 8 train_sft_omni.py --init out/align --data a.jsonl b.jsonl ...
+    python train_sft_omni.py --init out/sft --train talker --speech_weight 1 --out out/talker   # speech, LLM frozen
 
 --train picks the components that learn (vision,audio,llm,resampler,audio_projector; projectors = both).
 --lora_rank r trains the LLM through LoRA on q/k/v/o instead of fully (the original's fine-tune recipe,
 r = alpha = 64); the update is merged into the weights when the stage output is saved, so the output is a plain
 checkpoint. Frozen towers that came from pretrained folders are not copied into the output.
+--speech_weight W > 0 adds W * the talker's loss on samples with a speech target (`build_toyworld.py --speak`):
+a model without a talker gets one sized for the codec saved next to the data (--codec), and the talker trains
+along with --train (`--train talker` alone: the LLM stays frozen and only the talker learns to speak).
 """
 import argparse
+import os
 
+from model.codec import MelCodec
+from model.talker import TalkerConfig
 from stage_utils import add_model_args, build_model, component_lrs, finish_stage, omni_data, set_trainable
 from trainer import Trainer, add_common_args
 
@@ -23,6 +30,9 @@ def parse_args(argv=None):
     g = parser.add_argument_group("lora")
     g.add_argument("--lora_rank", type=int, default=0, help="train the LLM through LoRA of this rank (0 = off)")
     g.add_argument("--lora_alpha", type=float, default=0.0, help="LoRA scale alpha / rank (default alpha = rank)")
+    g = parser.add_argument_group("speech output")
+    g.add_argument("--speech_weight", type=float, default=0.0, help="weight of the talker loss (0 = off)")
+    g.add_argument("--codec", default="", help="speech codec folder (default: codec/ next to the first --data)")
     add_common_args(parser)
     parser.set_defaults(out="out/sft", train="vision,audio,llm,projectors", epochs=3, batch_size=16, lr=1e-3,
                         warmup_ratio=0.05)
@@ -32,12 +42,22 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = build_model(args)
-    set_trainable(model, args.train.split(","), args.lora_rank, args.lora_alpha)
-    data = omni_data(args, model.config, tokenizer)
+    codec = attach_talker(model, args) if args.speech_weight else None
+    set_trainable(model, args.train.split(",") + (["talker"] if codec else []), args.lora_rank, args.lora_alpha)
+    data = omni_data(args, model.config, tokenizer, codec)
     lora = f" (LLM through LoRA r={args.lora_rank})" if args.lora_rank else ""
     print(f"sft: training {model.trainable_components()}{lora}, {len(data[0])} samples")
     Trainer(args, model, *data, lr_for=component_lrs(args, {})).fit()
     finish_stage(model, tokenizer, args)
+
+
+def attach_talker(model, args) -> MelCodec:
+    """Load the data's codec; give the model a talker sized for it unless it already has one."""
+    codec = MelCodec.load(args.codec or os.path.join(os.path.dirname(args.data[0]), "codec"))
+    if model.talker is None:
+        model.add_talker(TalkerConfig(n_codebooks=codec.n_codebooks, vocab_size=codec.vocab_size))
+    model.codec, model.speech_weight = codec, args.speech_weight
+    return codec
 
 
 if __name__ == "__main__":

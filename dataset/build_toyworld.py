@@ -661,13 +661,16 @@ def assign_paths(samples: list[dict], split: str) -> dict[str, dict]:
     return jobs
 
 
-def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: int | None = None) -> dict:
-    """Build ToyWorld into `out`; returns {split: Counter((task, lang))}."""
+def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: int | None = None,
+          speak: bool = False) -> dict:
+    """Build ToyWorld into `out`; returns {split: Counter((task, lang))}. speak: spoken answers + codec (speech_targets)."""
     t0 = time.time()
     langs = [lang for lang in (langs.split(",") if isinstance(langs, str) else langs) if lang]
     if not set(langs) <= {"en", "zh"} or size not in COUNTS:
         raise ValueError(f"langs must be a subset of en,zh (got {langs}); size one of {list(COUNTS)} (got {size})")
     check_tools(langs)
+    if speak:
+        from dataset import speech_targets
     samples, jobs, train_signatures = {}, {}, set()
     for split in SPLITS:
         test = split == "test"
@@ -680,6 +683,8 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
         if not test:
             train_signatures |= {sig for s in samples[split] for sig in signatures(s)}
         jobs.update(assign_paths(samples[split], split))
+        if speak:
+            jobs.update(speech_targets.add_speech_targets(samples[split]))
         if not test:  # training files in random order; the test file stays grouped by task
             random.Random(f"toyworld/{seed}/{split}/order").shuffle(samples[split])
 
@@ -694,6 +699,8 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
             for _ in pool.imap_unordered(render, todo, chunksize=8):
                 pass
+    if speak:
+        speech_targets.fit_codec(out, samples["sft"])
 
     paths = []
     for split in SPLITS:
@@ -725,9 +732,10 @@ def main() -> None:
     p.add_argument("--size", choices=list(COUNTS), default="full")
     p.add_argument("--langs", default="en", help="comma-separated: en, zh")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
+    p.add_argument("--speak", action="store_true", help="spoken answers + the speech codec (dataset/speech_targets.py)")
     args = p.parse_args()
     try:
-        build(args.out, args.seed, args.size, args.langs, args.workers)
+        build(args.out, args.seed, args.size, args.langs, args.workers, args.speak)
     except MissingDependency as e:
         raise SystemExit(f"error: {e}")
 

@@ -4,6 +4,7 @@ Bad data never crashes an epoch. Structural problems (invalid JSON, bad turns, m
 are found when the file is read; problems only loading can reveal (missing or unreadable media, placeholder
 mismatch, too long) are found in __getitem__, which then returns None and the collate drops the sample.
 Every skip is counted by reason in `dataset.skipped` and warned with file:line; `strict=True` raises instead.
+Speech targets (an assistant turn's "speech" wav) become talker codes when the dataset is given the talker's codec.
 (With DataLoader workers, load-time skips are counted in the workers' copies; the warnings still show them.)
 """
 import json
@@ -11,6 +12,7 @@ import os
 import warnings
 from collections import Counter
 
+import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
@@ -22,8 +24,10 @@ MEDIA_KEYS = {"image": "images", "audio": "audios", "video": "videos"}
 
 
 class OmniDataset(Dataset):
-    def __init__(self, jsonl_path: str, tokenizer, config, max_length: int = 2048, strict: bool = False):
+    def __init__(self, jsonl_path: str, tokenizer, config, max_length: int = 2048, strict: bool = False,
+                 codec=None):
         self.path, self.root = jsonl_path, os.path.dirname(os.path.abspath(jsonl_path))
+        self.codec = codec if getattr(config, "talker", None) is not None else None  # None: speech targets unused
         self.tokenizer, self.config, self.max_length, self.strict = tokenizer, config, max_length, strict
         self.skipped = Counter()
         self.records = []   # (line number, sample) of the samples that passed the structural checks
@@ -148,7 +152,30 @@ class OmniDataset(Dataset):
         input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)  # [T], [T]
         if len(input_ids) > self.max_length:
             raise SampleError("too_long", f"{len(input_ids)} tokens > max_length {self.max_length}")
-        return dict(out, input_ids=input_ids, labels=labels)
+        speech = self._speech(sample["conversations"][-1], input_ids, labels) if self.codec is not None else {}
+        return dict(out, **speech, input_ids=input_ids, labels=labels)
+
+    def _speech(self, turn: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
+        """The final turn's speech target -> {speech_codes Long[K, F], speech_voice Long[], speech_text_mask Bool[T]}:
+        the mask marks the answer tokens the talker speaks (that turn's trained tokens, end-of-turn tokens excluded)."""
+        if turn["role"] != "assistant" or "speech" not in turn:
+            return {}
+        voices = self.config.talker.voices
+        if turn.get("voice", voices[0]) not in voices:
+            raise SampleError("bad_structure", f"voice {turn['voice']!r} is not one of the talker's {voices}")
+        path = self._media_path(turn["speech"])
+        try:
+            wav, rate = sf.read(path, dtype="float32")
+        except Exception as e:  # soundfile raises its own types for a broken file
+            raise SampleError("unreadable_media", f"{type(e).__name__}: {e}") from e
+        if rate != self.codec.sample_rate or wav.ndim != 1:
+            raise SampleError("unreadable_media", f"{turn['speech']}: need mono {self.codec.sample_rate} Hz")
+        ends = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")]
+        turn_start = int(torch.nonzero(input_ids == ends[0]).max())
+        mask = (labels != IGNORE_INDEX) & ~torch.isin(input_ids, torch.tensor(ends))
+        mask[:turn_start] = False
+        return {"speech_codes": self.codec.encode(torch.from_numpy(wav)),
+                "speech_voice": torch.tensor(voices.index(turn.get("voice", voices[0]))), "speech_text_mask": mask}
 
 
 def _pad_images(images: list[torch.Tensor]) -> torch.Tensor:
@@ -186,6 +213,18 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
         parts = [s[key] for s in samples if key in s]
         if parts:
             batch[key] = torch.cat(parts)
+    spoken = [s["speech_codes"] for s in samples if "speech_codes" in s]
+    if spoken:  # rows without a speech target keep speech_lens 0
+        batch["speech_codes"] = torch.zeros(B, spoken[0].shape[0], max(c.shape[1] for c in spoken),
+                                            dtype=torch.long)                  # [B, K, Fmax]
+        batch["speech_lens"] = torch.zeros(B, dtype=torch.long)               # [B]
+        batch["speech_voices"] = torch.zeros(B, dtype=torch.long)             # [B]
+        batch["speech_text_mask"] = torch.zeros(B, T, dtype=torch.bool)       # [B, T]
+        for b, s in enumerate(samples):
+            if "speech_codes" in s:
+                n, frames = len(s["input_ids"]), s["speech_codes"].shape[1]
+                batch["speech_codes"][b, :, :frames], batch["speech_lens"][b] = s["speech_codes"], frames
+                batch["speech_voices"][b], batch["speech_text_mask"][b, :n] = s["speech_voice"], s["speech_text_mask"]
     return batch
 
 

@@ -1,7 +1,8 @@
 """The omni model: a vision tower and an audio tower whose features are spliced into a Qwen3 decoder.
 
 Read top to bottom: special tokens, config, placeholder counts, the Resampler (images and video),
-the AudioProjector, then OmniModel (embedding splice, loss, generation, freezing, save/load).
+the AudioProjector, then OmniModel (embedding splice, loss, generation, freezing, save/load, chat). The optional
+talker (model/talker.py) speaks the answers; model/codec.py turns its codes into a waveform.
 """
 import json
 import os
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.codec import MelCodec
 from model.model_audio import AudioConfig, WhisperEncoder
 from model.model_llm import KVCache, LLMConfig, Qwen3ForCausalLM
 from model.model_vision import SiglipVisionModel, VisionConfig
+from model.talker import Talker, TalkerConfig
 from model.weights import load_state_dict_checked, read_hf_config
 
 # ----------------------------------------------------------------------------- special tokens
@@ -48,6 +51,7 @@ class OmniConfig:
     video_pad_id: int = -1
     audio_pad_id: int = -1
     external_weights: dict = field(default_factory=dict)  # component -> local HF folder, for towers not saved with us
+    talker: TalkerConfig | None = None  # speech output; None = a text-only model (and every config saved before it)
 
     @staticmethod
     def preset(name: str) -> "OmniConfig":
@@ -101,7 +105,8 @@ class OmniConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown OmniConfig keys: {sorted(unknown)}")
-        d = dict(d, llm=LLMConfig(**d["llm"]), vision=VisionConfig(**d["vision"]), audio=AudioConfig(**d["audio"]))
+        d = dict(d, llm=LLMConfig(**d["llm"]), vision=VisionConfig(**d["vision"]), audio=AudioConfig(**d["audio"]),
+                 talker=TalkerConfig(**d["talker"]) if d.get("talker") else None)
         return OmniConfig(**d)
 
     def save(self, path: str):
@@ -263,6 +268,15 @@ class OmniModel(nn.Module):
         self.resampler = Resampler(config.query_num, width, kv_dim=config.vision.hidden_size)
         self.audio_tower = WhisperEncoder(config.audio)
         self.audio_projector = AudioProjector(config.audio.d_model, width, config.audio_pool_step)
+        self.talker = Talker(config.talker, width) if config.talker else None
+        self.codec = None          # the talker's codec (model/codec.py); loaded with the checkpoint when saved in it
+        self.speech_weight = 1.0   # loss = text loss + speech_weight * talker loss (train_sft_omni.py --speech_weight)
+
+    def add_talker(self, config: TalkerConfig) -> "OmniModel":
+        """Give a text-only model a freshly initialised talker (its config is saved with the checkpoint)."""
+        self.config.talker = config
+        self.talker = Talker(config, self.config.llm.hidden_size).to(next(self.parameters()).device)
+        return self
 
     # ---- media encoders: each returns embeddings in LLM width, in prompt order
     def embed_images(self, pixel_values, grid_hw) -> torch.Tensor:
@@ -304,10 +318,10 @@ class OmniModel(nn.Module):
             embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), feats.to(embeds.dtype))
         return embeds
 
-    def unused_branch_anchor(self, media: MediaInputs) -> torch.Tensor:
+    def unused_branch_anchor(self, media: MediaInputs, spoke: bool = False) -> torch.Tensor:
         """0 * (sum of trainable params of branches this batch did not use): keeps every trainable parameter in
         the autograd graph so DDP does not hang waiting for gradients of a modality missing from one rank."""
-        unused = []
+        unused = [self.talker] if self.talker is not None and not spoke else []
         if media.pixel_values is None and media.video_pixel_values is None:
             unused += [self.vision_tower, self.resampler]
         if media.audio_features is None:
@@ -315,8 +329,10 @@ class OmniModel(nn.Module):
         params = [p for m in unused for p in m.parameters() if p.requires_grad]
         return sum((p.sum() * 0.0 for p in params), torch.zeros(()))
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **media) -> dict:
-        """Next-token loss over labelled positions only; logits are computed only where labels exist."""
+    def forward(self, input_ids, attention_mask=None, labels=None, speech_codes=None, speech_lens=None,
+                speech_voices=None, speech_text_mask=None, **media) -> dict:
+        """Next-token loss over labelled positions only; logits are computed only where labels exist.
+        With speech targets (speech_*: see speech_loss) the talker's loss is added, times speech_weight."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)
         hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none").hidden_states
@@ -327,10 +343,26 @@ class OmniModel(nn.Module):
         keep = targets != -100                                    # [B, T-1]
         logits = self.llm.lm_head(hidden[:, :-1][keep])           # [N, V] only at labelled positions
         loss = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else hidden.sum() * 0.0
+        spoke = self.talker is not None and speech_lens is not None and bool((speech_lens > 0).any())
+        if spoke:
+            out["speech_loss"] = self.speech_loss(input_ids, hidden, speech_codes, speech_lens, speech_voices,
+                                                  speech_text_mask)
+            loss = loss + self.speech_weight * out["speech_loss"]
         if self.training:
-            loss = loss + self.unused_branch_anchor(media).to(loss.device)
+            loss = loss + self.unused_branch_anchor(media, spoke).to(loss.device)
         out.update(loss=loss, num_label_tokens=keep.sum())
         return out
+
+    def speech_loss(self, input_ids, hidden, speech_codes, speech_lens, speech_voices, speech_text_mask):
+        """The talker's loss on the rows with a speech target: speech_codes Long[B, K, F] (speech_lens Long[B],
+        0 = no target), speech_voices Long[B], speech_text_mask Bool[B, T] = the answer tokens it speaks. Each answer
+        token gives the talker its input embedding and its last hidden state; a frozen LLM's states are detached."""
+        if not any(p.requires_grad for p in self.llm.parameters()):
+            hidden = hidden.detach()
+        embeds = self.llm.get_input_embeddings()(input_ids)          # [B, T, D]
+        rows = torch.nonzero(speech_lens > 0).flatten().tolist()
+        return self.talker([embeds[b][speech_text_mask[b]] for b in rows], [hidden[b][speech_text_mask[b]] for b in rows],
+                           [speech_codes[b, :, :speech_lens[b]] for b in rows], speech_voices[rows])
 
     # ---- generation
     @staticmethod
@@ -352,10 +384,11 @@ class OmniModel(nn.Module):
 
     @torch.no_grad()
     def stream_generate(self, input_ids, attention_mask=None, max_new_tokens=64, temperature=0.0, top_k=0,
-                        top_p=1.0, stop_ids=(), use_cache=True, generator=None, **media):
+                        top_p=1.0, stop_ids=(), use_cache=True, generator=None, with_hidden=False, **media):
         """Yields [B] next-token ids one step at a time. Prompts in a batch must be LEFT-padded.
 
-        Rows that hit a stop id keep emitting the stop id; the loop ends when every row has stopped."""
+        Rows that hit a stop id keep emitting the stop id; the loop ends when every row has stopped.
+        with_hidden: yields (ids, [B, D] last hidden state of the token read at this step, i.e. the previous one)."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)                       # [B, T, D]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -368,7 +401,7 @@ class OmniModel(nn.Module):
                            cache=cache, logits_at="last")
             next_ids = self.sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # [B]
             next_ids = torch.where(done, stop[0] if len(stop) else next_ids, next_ids)
-            yield next_ids
+            yield (next_ids, out.hidden_states[:, -1]) if with_hidden else next_ids
             done |= torch.isin(next_ids, stop)
             if done.all():
                 return
@@ -387,10 +420,15 @@ class OmniModel(nn.Module):
         expanded = []
         for name in names:
             expanded += ["resampler", "audio_projector"] if name == "projectors" else [name]
-        unknown = [n for n in expanded if n not in self.COMPONENTS]
+        unknown = [n for n in expanded if n not in self.components()]
         if unknown:
-            raise ValueError(f"unknown components {unknown}; choose from {list(self.COMPONENTS)} or 'projectors'")
-        return [getattr(self, self.COMPONENTS[n]) for n in expanded]
+            raise ValueError(f"unknown components {unknown}; choose from {list(self.components())} or 'projectors' "
+                             f"(a model has a talker only when config.talker is set)")
+        return [getattr(self, self.components()[n]) for n in expanded]
+
+    def components(self) -> dict[str, str]:
+        """COMPONENTS, plus the talker when this model has one."""
+        return {**self.COMPONENTS, "talker": "talker"} if self.talker is not None else self.COMPONENTS
 
     def freeze(self, *names):
         """model.freeze("vision", "audio", "llm") -> only the resampler and audio projector train."""
@@ -404,7 +442,7 @@ class OmniModel(nn.Module):
         return self
 
     def trainable_components(self) -> list[str]:
-        return [n for n, attr in self.COMPONENTS.items()
+        return [n for n, attr in self.components().items()
                 if any(p.requires_grad for p in getattr(self, attr).parameters())]
 
     # ---- weights
@@ -424,6 +462,8 @@ class OmniModel(nn.Module):
         os.replace(os.path.join(out_dir, "model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
+        if isinstance(self.codec, MelCodec):  # a plugged-in neural codec loads its own weights
+            self.codec.save(os.path.join(out_dir, "codec"))
 
     @staticmethod
     def from_pretrained(ckpt_dir: str, device="cpu") -> "OmniModel":
@@ -438,6 +478,8 @@ class OmniModel(nn.Module):
             state.update({k: v for k, v in model.state_dict().items() if k.startswith(prefix)})
         tied = ("llm.lm_head.",) if model.config.llm.tie_word_embeddings else ()
         load_state_dict_checked(model, state, f"OmniModel from {ckpt_dir}", ignore_missing=tied)
+        if os.path.exists(os.path.join(ckpt_dir, "codec", "codec.json")):
+            model.codec = MelCodec.load(os.path.join(ckpt_dir, "codec"))
         return model
 
     def load_tower(self, component: str, folder: str):
@@ -461,18 +503,75 @@ class OmniModel(nn.Module):
 
     # ---- chat
     def chat(self, processor, question: str | list[dict], images=(), audios=(), videos=(), enable_thinking=False,
-             stream=False, max_new_tokens=128, **sampling):
+             stream=False, max_new_tokens=128, speak=False, voice=None, **sampling):
         """One answer to a question (or a full message list). Media markers are added for a plain question.
 
-        stream=True returns an iterator of text pieces as they are generated; otherwise the whole answer."""
+        stream=True returns an iterator of text pieces as they are generated; otherwise the whole answer.
+        speak=True (needs the talker and its codec) also speaks it, in `voice` (a name of config.talker.voices):
+        -> (text, waveform [S]), or with stream=True an iterator of (text piece, audio chunk [s]) pairs whose audio
+        starts after the first talker.text_chunk answer tokens, while the LLM is still writing the rest."""
         if isinstance(question, str):
             markers = "".join(["<image>\n"] * len(images) + ["<video>\n"] * len(videos) + ["<audio>\n"] * len(audios))
             question = [{"role": "user", "content": markers + question}]
         device = next(self.parameters()).device
         batch = {k: v.to(device) for k, v in processor(question, images, audios, videos, enable_thinking).items()}
+        if speak:  # one step more: the LLM reads the last answer token back to give the talker its hidden state
+            steps = self.stream_generate(**batch, max_new_tokens=max_new_tokens + 1, stop_ids=processor.stop_ids,
+                                         with_hidden=True, **sampling)
+            spoken = self.speak_stream(steps, processor.tokenizer, set(processor.stop_ids), voice, max_new_tokens)
+            if stream:
+                return ((text, self.codec.decode(frames)) for text, frames in spoken)
+            pieces = list(spoken)
+            return "".join(t for t, _ in pieces), self.codec.decode(torch.cat([f for _, f in pieces], 1))
         steps = self.stream_generate(**batch, max_new_tokens=max_new_tokens, stop_ids=processor.stop_ids, **sampling)
         pieces = self._decode_stream(steps, processor.tokenizer, set(processor.stop_ids))
         return pieces if stream else "".join(pieces)
+
+    def speak_stream(self, steps, tokenizer, stop_ids: set[int], voice: str | None = None, max_tokens: int = 128):
+        """LLM steps (stream_generate with_hidden=True, one prompt) -> (text piece, new code frames Long[K, f]) pairs.
+
+        The talker pulls the answer in chunks of text_chunk tokens; pulling a chunk runs the LLM for those tokens,
+        so text and speech are produced in turn. A token's hidden state exists once the LLM has read it back, one
+        step after writing it."""
+        talker = self.talker.config
+        voice_id = talker.voices.index(voice or talker.voices[0])
+        answer = []                                                 # answer token ids so far
+
+        def tokens():                                               # (token id, its last hidden state [D])
+            previous, count = None, 0
+            for next_ids, hidden in steps:
+                if previous is not None:
+                    yield previous, hidden[0]
+                    count += 1
+                previous = int(next_ids[0])
+                if previous in stop_ids or count == max_tokens:
+                    return
+
+        def chunks():                                               # (input embeddings [n, D], hidden [n, D])
+            buffer = []
+            for token, hidden in tokens():
+                answer.append(token)
+                buffer.append((token, hidden))
+                if len(buffer) == talker.text_chunk:
+                    yield self._talker_chunk(buffer)
+                    buffer = []
+            if buffer:
+                yield self._talker_chunk(buffer)
+
+        text_chunks, shown = chunks(), ""
+        for frames in self.talker.stream(text_chunks, voice_id):
+            text = tokenizer.decode(answer, skip_special_tokens=False)
+            yield text[len(shown):], frames
+            shown = text
+        for _ in text_chunks:                                       # the speech ended first: finish the text
+            pass
+        text = tokenizer.decode(answer, skip_special_tokens=False)
+        if len(text) > len(shown):
+            yield text[len(shown):], torch.zeros(talker.n_codebooks, 0, dtype=torch.long)
+
+    def _talker_chunk(self, tokens: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([t for t, _ in tokens], device=tokens[0][1].device)
+        return self.llm.get_input_embeddings()(ids), torch.stack([h for _, h in tokens])
 
     @staticmethod
     def _decode_stream(steps, tokenizer, stop_ids: set[int]):

@@ -1,0 +1,218 @@
+"""Speech output, measured: codec round trip and talker intelligibility (by an in-domain ASR judge), streaming speed.
+
+    python benchmarks/bench_speech.py judge --data data/toyworld --out out/speech_judge
+    python benchmarks/bench_speech.py measure --data data/toyworld --judge out/speech_judge --ckpt out/talker
+
+The judge is IN-DOMAIN: a small CTC recogniser (Whisper-style encoder + CTC head, model/warmup_heads.py)
+trained here on ToyWorld's clean speech only: the training split's spoken answers (both assistant voices) and
+its ASR clips (the user voices). It never hears codec output, so a worse score on decoded speech is the codec's
+(or the talker's) loss of intelligibility. `measure` scores the test split's spoken answers (held out: the
+talker never trained on them; transcripts can be unseen word combinations) three ways, as character error rate
+(edit distance / reference length, lower-cased, final punctuation dropped):
+  1. ground truth: the espeak-ng clip itself (the judge's own floor);
+  2. codec round trip: decode(encode(ground truth));
+  3. talker: the talker speaking the reference answer from the checkpoint's LLM states (teacher-forced text, so
+     the LLM's own mistakes do not count here), greedy, decoded by the same codec.
+and streams a few answers through OmniModel.chat(speak=True, stream=True): first-audio latency (prompt in ->
+first audio chunk out) and real-time factor (wall time / seconds of audio; below 1 = faster than real time).
+"""
+import argparse
+import json
+import os
+import time
+
+import soundfile as sf
+import torch
+import torchaudio
+
+from dataset.omni_dataset import OmniDataset, collate
+from dataset.processor import OmniProcessor
+from model.model_audio import AudioConfig, WhisperEncoder, log_mel_spectrogram
+from model.model_omni import MediaInputs, OmniConfig, OmniModel
+from model.warmup_heads import AudioWarmup
+from stage_utils import encode_chars
+
+
+def clean(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".!? ")
+
+
+def judge_items(data: str, split: str) -> list[tuple[str, str]]:
+    """(wav path, transcript) of a split's spoken answers and (training splits) its ASR clips, unique by path."""
+    items = {}
+    with open(os.path.join(data, f"{split}.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            s = json.loads(line)
+            answer = s["conversations"][-1]
+            if "speech" in answer:
+                items[answer["speech"]] = answer["content"]
+            if split != "test" and s["task"] == "asr":
+                items[s["audios"][0]] = s["meta"]["transcript"]
+    return [(os.path.join(data, p), clean(t)) for p, t in sorted(items.items())]
+
+
+# ----------------------------------------------------------------------------- the judge
+class Judge:
+    """AudioWarmup (Whisper-style encoder + CTC head) + its character set; greedy CTC decoding."""
+
+    def __init__(self, chars: list[str]):
+        self.chars = chars
+        self.model = AudioWarmup(WhisperEncoder(OmniConfig.preset("tiny").audio), len(chars))
+
+    @staticmethod
+    def features(wavs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mels = [log_mel_spectrogram(w) for w in wavs]                              # [80, t_i]
+        batch = torch.zeros(len(mels), 80, max(m.shape[1] for m in mels))
+        for k, m in enumerate(mels):
+            batch[k, :, :m.shape[1]] = m
+        return batch, torch.tensor([m.shape[1] for m in mels])
+
+    @torch.no_grad()
+    def transcribe(self, wavs: list[torch.Tensor]) -> list[str]:
+        self.model.eval()
+        mels, lens = self.features(wavs)
+        states, mask = self.model.audio_tower(mels, lens)
+        best = self.model.head(states).argmax(-1)                                  # [N, T']
+        texts = []
+        for ids, valid in zip(best.tolist(), mask.sum(1).tolist()):
+            ids = [a for i, a in enumerate(ids[:valid]) if a and (i == 0 or a != ids[i - 1])]  # collapse, drop blanks
+            texts.append("".join(self.chars[i - 1] for i in ids))
+        return texts
+
+    def save(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        torch.save(self.model.state_dict(), os.path.join(out, "judge.pt"))
+        with open(os.path.join(out, "chars.json"), "w") as f:
+            json.dump(self.chars, f)
+
+    @staticmethod
+    def load(folder: str) -> "Judge":
+        with open(os.path.join(folder, "chars.json")) as f:
+            judge = Judge(json.load(f))
+        judge.model.load_state_dict(torch.load(os.path.join(folder, "judge.pt")))
+        return judge
+
+
+def read(path: str) -> torch.Tensor:
+    return torch.from_numpy(sf.read(path, dtype="float32")[0])
+
+
+def train_judge(args):
+    items = judge_items(args.data, "pretrain") + judge_items(args.data, "sft")
+    chars = sorted({c for _, t in items for c in t})
+    judge, g = Judge(chars), torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    wavs = [read(p) for p, _ in items]
+    targets = [encode_chars(t, chars) for _, t in items]
+    opt = torch.optim.AdamW(judge.model.parameters(), lr=args.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        pick = torch.randint(len(items), (args.batch_size,), generator=g).tolist()
+        mels, lens = Judge.features([wavs[i] for i in pick])
+        text = torch.nn.utils.rnn.pad_sequence([targets[i] for i in pick], batch_first=True)
+        loss = judge.model(mels, lens, text, torch.tensor([len(targets[i]) for i in pick]))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(judge.model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        if step % 100 == 0 or step == args.steps:
+            print(f"judge step {step}/{args.steps} ctc loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+    judge.save(args.out)
+    print(f"in-domain judge trained on {len(items)} clean clips -> {args.out}")
+
+
+# ----------------------------------------------------------------------------- measurements
+def cer(judge: Judge, wavs: list[torch.Tensor], refs: list[str], batch: int = 32) -> float:
+    hyps = [h for i in range(0, len(wavs), batch) for h in judge.transcribe(wavs[i:i + batch])]
+    edits = sum(torchaudio.functional.edit_distance(clean(h), r) for h, r in zip(hyps, refs))
+    return edits / sum(len(r) for r in refs)
+
+
+@torch.no_grad()
+def talker_speech(model: OmniModel, processor, data: str, limit: int) -> tuple[list[torch.Tensor], list[str]]:
+    """The talker speaking each held-out reference answer (teacher-forced through the LLM), one sample at a time."""
+    dataset = OmniDataset(os.path.join(data, "test.jsonl"), processor.tokenizer, model.config, codec=model.codec)
+    wavs, refs, seen = [], [], set()
+    for index, (_, sample) in enumerate(dataset.records):
+        answer = sample["conversations"][-1]
+        if "speech" not in answer or answer["speech"] in seen or len(wavs) >= limit:
+            continue
+        seen.add(answer["speech"])
+        batch = collate([dataset[index]], processor.tokenizer.pad_token_id)
+        media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")
+                 and not k.startswith("speech_")}
+        embeds = model.embed_inputs(batch["input_ids"], MediaInputs(**media))
+        hidden = model.llm(inputs_embeds=embeds, logits_at="none").hidden_states[0]          # [T, D]
+        mask = batch["speech_text_mask"][0]
+        text_embeds = model.llm.get_input_embeddings()(batch["input_ids"][0][mask])
+        codes = model.talker.generate(text_embeds, hidden[mask], int(batch["speech_voices"][0]))
+        wavs.append(model.codec.decode(codes) if codes.shape[1] else torch.zeros(1))
+        refs.append(clean(answer["content"]))
+    return wavs, refs
+
+
+def streaming(model: OmniModel, processor, data: str, n: int) -> dict:
+    """First-audio latency and real-time factor of chat(speak=True, stream=True) over n held-out prompts."""
+    latencies, walls, seconds = [], [], []
+    with open(os.path.join(data, "test.jsonl"), encoding="utf-8") as f:
+        samples = [s for s in map(json.loads, f) if "speech" in s["conversations"][-1]][:n]
+    for s in samples:
+        question = s["conversations"][0]["content"]
+        media = {k: [os.path.join(data, p) for p in s.get(k) or []] for k in ("images", "audios", "videos")}
+        t0, first, audio = time.perf_counter(), None, 0
+        for _, chunk in model.chat(processor, [{"role": "user", "content": question}], media["images"],
+                                   media["audios"], media["videos"], speak=True, stream=True, max_new_tokens=32):
+            if len(chunk) and first is None:
+                first = time.perf_counter() - t0
+            audio += len(chunk)
+        walls.append(time.perf_counter() - t0)
+        latencies.append(first if first is not None else walls[-1])
+        seconds.append(audio / model.codec.sample_rate)
+    return {"first_audio_s": sum(latencies) / n, "rtf": sum(walls) / max(sum(seconds), 1e-9),
+            "audio_s_per_answer": sum(seconds) / n, "n": n}
+
+
+def measure(args):
+    judge = Judge.load(args.judge)
+    items = judge_items(args.data, "test")
+    truth = [read(p) for p, _ in items]
+    refs = [t for _, t in items]
+    model = OmniModel.from_pretrained(args.ckpt).eval()
+    processor = OmniProcessor.from_pretrained(args.ckpt, model.config)
+    results = {"judge": "in-domain CTC (Whisper-style tiny encoder) trained on clean ToyWorld speech",
+               "n_clips": len(items), "cer_ground_truth": cer(judge, truth, refs),
+               "cer_codec_round_trip": cer(judge, [model.codec.decode(model.codec.encode(w)) for w in truth], refs)}
+    t0 = time.time()
+    spoken, spoken_refs = talker_speech(model, processor, args.data, args.limit)
+    results.update(cer_talker=cer(judge, spoken, spoken_refs), n_talker=len(spoken),
+                   talker_seconds=time.time() - t0)
+    results["talker_over_round_trip"] = results["cer_talker"] / max(results["cer_codec_round_trip"], 1e-9)
+    results["streaming"] = streaming(model, processor, args.data, args.stream_n)
+    results["threads"] = torch.get_num_threads()
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["judge", "measure"])
+    p.add_argument("--data", default="data/toyworld", help="a ToyWorld built with --speak")
+    p.add_argument("--out", default="", help="judge: output folder; measure: results json")
+    p.add_argument("--judge", default="out/speech_judge")
+    p.add_argument("--ckpt", default="out/talker", help="a checkpoint with a talker and its codec")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=200, help="held-out answers the talker speaks")
+    p.add_argument("--stream_n", type=int, default=10, help="answers streamed for latency / real-time factor")
+    args = p.parse_args()
+    train_judge(args) if args.mode == "judge" else measure(args)
+
+
+if __name__ == "__main__":
+    main()

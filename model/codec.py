@@ -1,0 +1,146 @@
+"""Speech codec: waveform <-> discrete codes, the vocabulary the talker speaks in.
+
+Interface (any codec the talker uses has these):
+
+    codec.encode(wav FloatTensor[S] at codec.sample_rate) -> LongTensor[n_codebooks, frames]
+    codec.decode(codes LongTensor[n_codebooks, frames])   -> FloatTensor[S']
+    codec.frame_rate    code frames per second (25 here, as in MiniCPM-o)
+    codec.sample_rate   Hz of the waveforms encode takes and decode returns
+    codec.vocab_size    entries per codebook (the talker adds its own stop / filler ids on top)
+    codec.n_codebooks   codes per frame
+    codec.save(folder) / Codec.load(folder)
+
+The default `MelCodec` is fully offline and tiny: log-mel frames (50/s), two frames grouped per code frame
+(25/s), quantised by residual k-means codebooks fitted on the training speech (`fit`), and decoded back with
+torchaudio's inverse mel scale + Griffin-Lim. It sounds robotic but intelligible, and it needs no download.
+
+A neural codec you already have (Mimi, EnCodec, CosyVoice tokens, ...) plugs in as a class with the same
+methods and attributes that wraps your model: `encode` runs its encoder + quantiser on a 1-D waveform, `decode`
+its decoder. Build the talker with `TalkerConfig(n_codebooks=codec.n_codebooks, vocab_size=codec.vocab_size)`,
+encode the speech targets with it, and set `model.codec = YourCodec(...)` after loading a checkpoint (only
+MelCodec is saved with the checkpoint; a neural codec loads its own weights).
+"""
+import json
+import os
+
+import torch
+import torchaudio
+from safetensors.torch import load_file, save_file
+
+
+# ----------------------------------------------------------------------------- k-means (hand-written, seeded)
+def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """[N, D], [K, D] -> [N, K] squared Euclidean distances (expanded form: one matmul, no [N, K, D] tensor)."""
+    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ centroids.T + centroids.pow(2).sum(1)).clamp(min=0)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> torch.Tensor:
+    """[N, D] -> [k, D] centroids: k-means++ initialisation, then a fixed number of Lloyd iterations.
+
+    Deterministic for a seed (its own torch.Generator); an empty cluster keeps its previous centroid."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    centroids = x[torch.randint(len(x), (1,), generator=g)]                    # [1, D]
+    nearest = squared_distances(x, centroids)[:, 0]                            # [N]
+    for _ in range(1, k):  # k-means++: the next centroid is drawn with probability ~ squared distance
+        pick = torch.multinomial(nearest + 1e-12, 1, generator=g)
+        centroids = torch.cat([centroids, x[pick]])
+        nearest = torch.minimum(nearest, squared_distances(x, x[pick])[:, 0])
+    for _ in range(iters):
+        assign = squared_distances(x, centroids).argmin(1)                     # [N]
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)            # [k, D]
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1)              # [k, 1]
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids.float()
+
+
+def residual_quantize(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D], codebooks [C, K, D] -> (codes Long[C, N], reconstruction [N, D]): each stage quantises what the
+    previous stages left over."""
+    residual, codes = x, []
+    for book in codebooks:
+        idx = squared_distances(residual, book).argmin(1)                      # [N]
+        codes.append(idx)
+        residual = residual - book[idx]
+    return torch.stack(codes), x - residual
+
+
+# ----------------------------------------------------------------------------- the mel codec
+class MelCodec:
+    """Log-mel frames, grouped `group` at a time, quantised by `n_codebooks` residual k-means codebooks."""
+
+    def __init__(self, sample_rate: int = 16000, n_fft: int = 1024, hop_length: int = 320, n_mels: int = 80,
+                 group: int = 2, n_codebooks: int = 4, vocab_size: int = 256, griffin_lim_iters: int = 32,
+                 codebooks: torch.Tensor | None = None):
+        self.sample_rate, self.n_fft, self.hop_length, self.n_mels = sample_rate, n_fft, hop_length, n_mels
+        self.group, self.n_codebooks, self.vocab_size = group, n_codebooks, vocab_size
+        self.griffin_lim_iters = griffin_lim_iters
+        self.frame_rate = sample_rate / hop_length / group
+        self.codebooks = codebooks  # [n_codebooks, vocab_size, n_mels * group], set by fit() or load()
+        mel_args = dict(sample_rate=sample_rate, f_min=0.0, f_max=sample_rate / 2, norm="slaney", mel_scale="slaney")
+        self.mel = torchaudio.transforms.MelSpectrogram(n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
+                                                        power=1.0, **mel_args)
+        self.inverse_mel = torchaudio.transforms.InverseMelScale(n_fft // 2 + 1, n_mels, **mel_args)
+        # rand_init=False: Griffin-Lim starts from zero phase, so decode is a pure function of the codes
+        self.griffin_lim = torchaudio.transforms.GriffinLim(n_fft=n_fft, hop_length=hop_length, power=1.0,
+                                                            n_iter=griffin_lim_iters, rand_init=False)
+
+    def config(self) -> dict:
+        return {"sample_rate": self.sample_rate, "n_fft": self.n_fft, "hop_length": self.hop_length,
+                "n_mels": self.n_mels, "group": self.group, "n_codebooks": self.n_codebooks,
+                "vocab_size": self.vocab_size, "griffin_lim_iters": self.griffin_lim_iters}
+
+    # ---- features: waveform <-> grouped log-mel vectors
+    @torch.no_grad()
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """[S] -> [frames, n_mels * group]: log-mel (floored at 1e-4 so silence is one flat level), 2 frames a row."""
+        logmel = self.mel(wav.float()).clamp(min=1e-4).log()                   # [n_mels, S // hop + 1]
+        pad = -logmel.shape[1] % self.group                                    # repeat the last frame to fill a group
+        logmel = torch.cat([logmel, logmel[:, -1:].expand(-1, pad)], 1)        # [n_mels, group * frames]
+        return logmel.T.reshape(-1, self.group * self.n_mels)                  # [frames, group * n_mels]
+
+    @torch.no_grad()
+    def synthesize(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[frames, n_mels * group] -> [frames * group * hop] waveform: undo the log, mel -> linear spectrogram,
+        Griffin-Lim phase. Two frames of silence are appended first, so every code frame gets its full length
+        (streamed chunks then join without gaps) and even a one-frame chunk is long enough for the STFT."""
+        logmel = vectors.reshape(-1, self.n_mels).T                            # [n_mels, group * frames]
+        silence = logmel.new_full((self.n_mels, 2), torch.tensor(1e-4).log().item())
+        linear = self.inverse_mel(torch.cat([logmel, silence], 1).exp())       # [n_fft/2 + 1, group * frames + 2]
+        return self.griffin_lim(linear)[:logmel.shape[1] * self.hop_length]
+
+    # ---- the codec interface
+    def fit(self, wavs: list[torch.Tensor], iters: int = 15, seed: int = 0, max_vectors: int = 40000) -> "MelCodec":
+        """Fit the residual codebooks on training speech (a seeded subset of at most max_vectors code frames)."""
+        x = torch.cat([self.features(w) for w in wavs])                        # [N, D]
+        if len(x) > max_vectors:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_vectors]]
+        books, residual = [], x
+        for stage in range(self.n_codebooks):
+            books.append(kmeans(residual, self.vocab_size, iters, seed + stage))
+            residual = residual - books[-1][squared_distances(residual, books[-1]).argmin(1)]
+        self.codebooks = torch.stack(books)                                    # [C, K, D]
+        return self
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """[S] -> Long[n_codebooks, frames]."""
+        return residual_quantize(self.features(wav), self.codebooks)[0]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Long[n_codebooks, frames] -> [S]: the sum of the chosen codewords of every stage, then synthesize."""
+        if codes.shape[1] == 0:
+            return torch.zeros(0)
+        vectors = sum(self.codebooks[c][codes[c]] for c in range(codes.shape[0]))  # [frames, D]
+        return self.synthesize(vectors)
+
+    def save(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        save_file({"codebooks": self.codebooks.contiguous()}, os.path.join(folder, "codec.safetensors"))
+        with open(os.path.join(folder, "codec.json"), "w") as f:
+            json.dump(self.config(), f, indent=2)
+
+    @staticmethod
+    def load(folder: str) -> "MelCodec":
+        with open(os.path.join(folder, "codec.json")) as f:
+            config = json.load(f)
+        return MelCodec(**config, codebooks=load_file(os.path.join(folder, "codec.safetensors"))["codebooks"])

@@ -1,0 +1,211 @@
+"""The talker: a small causal transformer that speaks the LLM's answer as codec codes (MiniCPM-o's speech decoder).
+
+What it reads. One item per answer token: that token's text embedding (the LLM's input embedding, projected to the
+talker's width) + L2-normalised MLP(the LLM's last hidden state of that token). The text embedding says WHAT to
+say; the hidden state carries the context the LLM had when it wrote it. The L2 norm keeps the hidden-state term
+on a fixed scale whatever the LLM's width or training stage.
+
+What it writes. Codec frames of `n_codebooks` codes each, with a DELAY pattern: codebook k is shifted k steps
+later, so one step predicts codebook 0 of frame f together with codebook 1 of frame f-1, ..., and the finer
+codebooks of a frame are always predicted after the coarser ones of that frame were fed back. One head per
+codebook. Each codebook's vocabulary has two extra ids: FILL (the empty slots the delay leaves at the start and
+end) and STOP (codebook 0 only: the speech is over).
+
+    delayed grid, 3 codebooks, F = 3 frames (c = code, S = STOP, . = FILL)
+        step       0    1    2    3    4
+        book 0    c00  c01  c02   S    .
+        book 1     .   c10  c11  c12   .      L = F + max(K - 1, 1) steps
+        book 2     .    .   c20  c21  c22
+
+Streaming order. Text and speech are interleaved in fixed chunks, in training exactly as in generation:
+
+    [voice] [text 0..n) [steps 0..m) [text n..2n) [steps m..2m) ... (then whatever is left of either)
+
+so the talker can start speaking after the first n answer tokens and never waits for the whole answer. The
+item before step s (a text item at a chunk boundary, else step s-1) predicts step s. m is chosen so speech lags
+the text (m steps = m / 25 s, longer than n tokens usually take to say is NOT wanted: the talker would run out
+of text); the defaults give 0.48 s of speech per 4 tokens.
+"""
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from model.model_llm import DecoderLayer, KVCache, LLMConfig, RMSNorm, build_attention_mask, rope_cos_sin
+
+IGNORE = -100
+
+
+@dataclass
+class TalkerConfig:
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    n_codebooks: int = 4             # from the codec
+    vocab_size: int = 256            # codec entries per codebook; + FILL + STOP
+    voices: list[str] = field(default_factory=lambda: ["ava", "max"])
+    text_chunk: int = 4              # answer tokens per interleaved text chunk
+    speech_chunk: int = 12           # delayed-grid steps per interleaved speech chunk (0.48 s at 25 frames/s)
+    max_frames: int = 500            # 20 s at 25 frames/s: generation is cut (STOP forced) here
+
+    def decoder_config(self) -> LLMConfig:
+        """The Qwen3 block shapes the talker reuses."""
+        return LLMConfig(vocab_size=1, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                         num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                         num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                         rope_theta=self.rope_theta)
+
+
+# ----------------------------------------------------------------------------- delay pattern and chunk order
+def delay_grid(codes: torch.Tensor, fill: int, stop: int) -> torch.Tensor:
+    """Long[K, F] frames -> Long[K, L] delayed grid, L = F + max(K - 1, 1): codebook k shifted right by k,
+    STOP in codebook 0 right after the last frame, FILL everywhere else."""
+    K, frames = codes.shape
+    grid = codes.new_full((K, frames + max(K - 1, 1)), fill)
+    for k in range(K):
+        grid[k, k:k + frames] = codes[k]
+    grid[0, frames] = stop
+    return grid
+
+
+def interleave_order(n_text: int, n_steps: int, text_chunk: int, speech_chunk: int) -> torch.Tensor:
+    """Long[1 + n_text + n_steps]: the order in which the items [voice, text 0.., step 0..] are fed."""
+    order, j = [0], 0
+    while j * text_chunk < n_text or j * speech_chunk < n_steps:
+        order += range(1 + j * text_chunk, 1 + min((j + 1) * text_chunk, n_text))
+        order += range(1 + n_text + j * speech_chunk, 1 + n_text + min((j + 1) * speech_chunk, n_steps))
+        j += 1
+    return torch.tensor(order)
+
+
+# ----------------------------------------------------------------------------- the talker
+class Talker(nn.Module):
+    def __init__(self, config: TalkerConfig, llm_width: int):
+        super().__init__()
+        self.config = config
+        H, K = config.hidden_size, config.n_codebooks
+        self.fill, self.stop = config.vocab_size, config.vocab_size + 1   # the two extra ids of every codebook
+        self.text_proj = nn.Linear(llm_width, H) if llm_width != H else nn.Identity()
+        self.hidden_mlp = nn.Sequential(nn.Linear(llm_width, H), nn.SiLU(), nn.Linear(H, H))
+        self.voice_embed = nn.Embedding(len(config.voices), H)
+        self.code_embeds = nn.ModuleList(nn.Embedding(config.vocab_size + 2, H) for _ in range(K))
+        decoder = config.decoder_config()
+        self.layers = nn.ModuleList(DecoderLayer(decoder, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(H, decoder.rms_norm_eps)
+        self.heads = nn.ModuleList(nn.Linear(H, config.vocab_size + 2, bias=False) for _ in range(K))
+
+    # ---- items
+    def text_items(self, text_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, D_llm] input embeddings + [N, D_llm] last hidden states -> [N, H]."""
+        return self.text_proj(text_embeds) + F.normalize(self.hidden_mlp(hidden), dim=-1)
+
+    def step_items(self, columns: torch.Tensor) -> torch.Tensor:
+        """Long[L, K] grid columns -> [L, H]: the sum of each codebook's embedding."""
+        return sum(embed(columns[:, k]) for k, embed in enumerate(self.code_embeds))
+
+    def decode(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """[B, T, H] items -> [B, T, H] states; causal over the cache and the new items."""
+        B, T, _ = x.shape
+        past = cache.seq_len if cache is not None else 0
+        positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = build_attention_mask(None, T, past, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+    # ---- training
+    def forward(self, text_embeds: list[torch.Tensor], hidden: list[torch.Tensor], codes: list[torch.Tensor],
+                voices: torch.Tensor) -> torch.Tensor:
+        """Per answer: text_embeds/hidden [N_i, D_llm], codes Long[K, F_i]; voices Long[B].
+        -> mean over codebooks of the cross-entropy at every step that holds a code (or STOP)."""
+        sequences, targets = [], []
+        for e, h, c, v in zip(text_embeds, hidden, codes, voices):
+            grid = delay_grid(c, self.fill, self.stop).T                           # [L, K]
+            items = torch.cat([self.voice_embed(v)[None], self.text_items(e, h), self.step_items(grid)])
+            target = torch.cat([grid.new_full((1 + len(e), grid.shape[1]), IGNORE),
+                                grid.masked_fill(grid == self.fill, IGNORE)])      # [1 + N + L, K]
+            order = interleave_order(len(e), len(grid), self.config.text_chunk, self.config.speech_chunk)
+            sequences.append(items[order])                                        # [P, H]
+            targets.append(target[order[1:]])                                     # [P - 1, K]: item p predicts p + 1
+        states = self.decode(pad_sequence(sequences, batch_first=True))[:, :-1]  # [B, P-1, H] (right-padded)
+        targets = pad_sequence(targets, batch_first=True, padding_value=IGNORE)   # [B, P-1, K]
+        losses = []
+        for k, head in enumerate(self.heads):
+            keep = targets[..., k] != IGNORE                                      # [B, P-1]
+            losses.append(F.cross_entropy(head(states[keep]).float(), targets[..., k][keep]))
+        return torch.stack(losses).mean()
+
+    # ---- generation
+    def pick(self, logits: torch.Tensor, step: int, stop_step: int | None, temperature: float,
+             generator: torch.Generator | None) -> torch.Tensor:
+        """[K, V + 2] logits of one step -> Long[K] grid column. Slots the delay pattern fixes are forced to FILL;
+        only codebook 0 may say STOP, and only once."""
+        column = []
+        for k in range(len(logits)):
+            if step < k or (stop_step is not None and step - k >= stop_step):
+                column.append(self.fill)
+                continue
+            if k == 0 and step >= self.config.max_frames:
+                column.append(self.stop)
+                continue
+            allowed = logits[k].float().clone()
+            allowed[self.fill] = float("-inf")
+            if k > 0:
+                allowed[self.stop] = float("-inf")
+            if temperature <= 0:
+                column.append(int(allowed.argmax()))
+            else:
+                column.append(int(torch.multinomial((allowed / temperature).softmax(-1), 1, generator=generator)))
+        return torch.tensor(column, device=logits.device)
+
+    @torch.no_grad()
+    def stream(self, text_chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], voice: int = 0,
+               temperature: float = 0.0, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Pulls (text_embeds [n, D_llm], hidden [n, D_llm]) chunks of <= text_chunk answer tokens lazily, and
+        yields Long[K, f] code frames as they complete (f may be 0), one yield per speech chunk. Pulling lazily
+        is what interleaves it with the LLM: the next text chunk is only asked for when the talker needs it."""
+        K, m = self.config.n_codebooks, self.config.speech_chunk
+        device = self.norm.weight.device
+        cache, chunks = KVCache(), iter(text_chunks)
+        state = self.decode(self.voice_embed(torch.tensor([[voice]], device=device)), cache)[:, -1]  # [1, H]
+        columns, stop_step, emitted, text_left = [], None, 0, True
+        while stop_step is None or len(columns) < stop_step + max(K - 1, 1):
+            if text_left and len(columns) % m == 0:
+                chunk = next(chunks, None)
+                text_left = chunk is not None and len(chunk[0]) == self.config.text_chunk
+                if chunk is not None and len(chunk[0]):
+                    state = self.decode(self.text_items(*chunk)[None], cache)[:, -1]
+            logits = torch.stack([head(state[0]) for head in self.heads])        # [K, V + 2]
+            column = self.pick(logits, len(columns), stop_step, temperature, generator)
+            if column[0] == self.stop:
+                stop_step = len(columns)
+            columns.append(column)
+            state = self.decode(self.step_items(column[None])[None], cache)[:, -1]
+            if len(columns) % m == 0:
+                emitted = yield from self._emit(columns, emitted, stop_step)
+        yield from self._emit(columns, emitted, stop_step)
+
+    def _emit(self, columns: list[torch.Tensor], emitted: int, stop_step: int | None):
+        """Yield the frames whose every codebook has been generated since the last yield; -> frames emitted."""
+        K = self.config.n_codebooks
+        done = min(len(columns) - (K - 1), len(columns) if stop_step is None else stop_step)
+        grid = torch.stack(columns, 1) if columns else torch.zeros(K, 0, dtype=torch.long)  # [K, steps]
+        frames = torch.stack([grid[k, k + emitted:k + done] for k in range(K)]) if done > emitted else \
+            grid.new_zeros(K, 0)
+        yield frames
+        return max(done, emitted)
+
+    def generate(self, text_embeds: torch.Tensor, hidden: torch.Tensor, voice: int = 0, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """A whole answer at once: [N, D_llm], [N, D_llm] -> Long[K, F] frames (same chunked order as streaming)."""
+        n = self.config.text_chunk
+        chunks = [(text_embeds[i:i + n], hidden[i:i + n]) for i in range(0, len(text_embeds), n)]
+        return torch.cat(list(self.stream(chunks, voice, temperature, generator)), 1)

@@ -1,0 +1,198 @@
+"""The talker: delay pattern, chunk interleaving, training, stop token, streaming == whole-answer generation, and
+its place in OmniModel (loss, gradient paths, save/load, old configs, chat with speech)."""
+import json
+
+import pytest
+import torch
+
+from model.model_omni import OmniConfig, OmniModel
+from model.talker import IGNORE, Talker, TalkerConfig, delay_grid, interleave_order
+
+
+def tiny_talker_config(**overrides) -> TalkerConfig:
+    return TalkerConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=32, n_codebooks=3, vocab_size=16, text_chunk=2,
+                                  speech_chunk=3, max_frames=40), **overrides})
+
+
+def test_delay_grid_and_interleave_order():
+    codes = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    grid = delay_grid(codes, fill=16, stop=17)
+    assert grid.tolist() == [[1, 2, 3, 17, 16], [16, 4, 5, 6, 16], [16, 16, 7, 8, 9]]
+    assert delay_grid(codes[:1], 16, 17).tolist() == [[1, 2, 3, 17]]                # one codebook: just STOP
+    order = interleave_order(n_text=5, n_steps=4, text_chunk=2, speech_chunk=3)
+    # items: 0 voice, 1-5 text, 6-9 steps -> voice, t0 t1, s0 s1 s2, t2 t3, s3, t4
+    assert order.tolist() == [0, 1, 2, 6, 7, 8, 3, 4, 9, 5]
+
+
+def overfit_set(llm_width=32):
+    g = torch.Generator().manual_seed(0)
+    texts = [torch.randn(n, llm_width, generator=g) for n in (3, 5)]
+    hidden = [torch.randn(n, llm_width, generator=g) for n in (3, 5)]
+    codes = [torch.randint(0, 16, (3, f), generator=g) for f in (4, 7)]
+    return texts, hidden, codes, torch.tensor([0, 1])
+
+
+def test_loss_decreases_and_greedy_generation_stops_at_the_learned_length():
+    torch.manual_seed(0)
+    talker = Talker(tiny_talker_config(), llm_width=32)
+    texts, hidden, codes, voices = overfit_set()
+    opt = torch.optim.AdamW(talker.parameters(), lr=3e-3)
+    first = talker(texts, hidden, codes, voices).item()
+    for _ in range(150):
+        loss = talker(texts, hidden, codes, voices)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+    talker.eval()
+    for e, h, c, v in zip(texts, hidden, codes, voices):
+        assert torch.equal(talker.generate(e, h, int(v)), c)   # the right codes, ended by STOP at the right frame
+
+
+class NeverStop(torch.nn.Module):
+    """A codebook-0 head that never predicts STOP: only max_frames can end the speech."""
+
+    def __init__(self, head, stop: int):
+        super().__init__()
+        self.head, self.stop = head, stop
+
+    def forward(self, x):
+        return self.head(x).index_fill(-1, torch.tensor([self.stop]), float("-inf"))
+
+
+def test_max_frames_cuts_an_untrained_talker():
+    torch.manual_seed(0)
+    talker = Talker(tiny_talker_config(max_frames=5), llm_width=32).eval()
+    talker.heads[0] = NeverStop(talker.heads[0], talker.stop)
+    out = talker.generate(torch.randn(3, 32), torch.randn(3, 32))
+    assert out.shape == (3, 5) and int(out.max()) < 16
+
+
+def test_stream_pulls_text_lazily_and_concatenates_to_generate():
+    torch.manual_seed(0)
+    talker = Talker(tiny_talker_config(max_frames=12), llm_width=32).eval()
+    text, hidden = torch.randn(7, 32), torch.randn(7, 32)
+    pulled = []
+
+    def chunks():
+        for i in range(0, 7, 2):
+            pulled.append(i)
+            yield text[i:i + 2], hidden[i:i + 2]
+
+    pieces, pulled_at_yield = [], []
+    for frames in talker.stream(chunks(), voice=1):
+        pieces.append(frames)
+        pulled_at_yield.append(len(pulled))
+    assert pulled_at_yield[0] == 1 and pulled_at_yield[-1] == 4     # speech starts after the first text chunk
+    assert torch.equal(torch.cat(pieces, 1), talker.generate(text, hidden, voice=1))
+
+
+# ----------------------------------------------------------------------------- inside OmniModel
+def omni_with_talker() -> OmniModel:
+    cfg = OmniConfig.preset("tiny")
+    cfg.llm.vocab_size, cfg.llm.num_hidden_layers = 64, 2
+    cfg.vision.num_hidden_layers, cfg.audio.encoder_layers = 1, 1
+    cfg.query_num = 4
+    cfg.image_pad_id, cfg.video_pad_id, cfg.audio_pad_id = 61, 62, 63
+    cfg.talker = tiny_talker_config()
+    return OmniModel(cfg)
+
+
+def speech_batch():
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 8, 9, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 4, 5, 6, -100], [-100, -100, -100, 8, 9, -100, -100]])
+    return dict(input_ids=input_ids, attention_mask=(input_ids > 0).long(), labels=labels,
+                speech_codes=torch.tensor([[[1, 2, 3, 4]] * 3, [[0] * 4] * 3]),              # row 1: no speech
+                speech_lens=torch.tensor([4, 0]), speech_voices=torch.tensor([1, 0]),
+                speech_text_mask=torch.tensor([[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0]]).bool())
+
+
+def test_speech_loss_adds_to_the_text_loss_and_reaches_every_trainable_parameter():
+    torch.manual_seed(0)
+    model = omni_with_talker().train()
+    batch = speech_batch()
+    text_only = {k: v for k, v in batch.items() if not k.startswith("speech_")}
+    with torch.no_grad():
+        assert model(**batch)["loss"] > model(**text_only)["loss"]
+    model.llm.requires_grad_(False)                                 # talker-only training: gradients stop at it
+    model(**text_only)["loss"].backward()                           # no speech in the batch: anchored, not absent
+    assert all(p.grad is not None for p in model.talker.parameters())
+    model.zero_grad()
+    model(**batch)["loss"].backward()
+    assert all(p.grad is None for p in model.llm.parameters())
+
+
+def test_old_configs_without_a_talker_load_and_talkers_round_trip(tmp_path):
+    model = omni_with_talker().eval()
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    loaded = OmniModel.from_pretrained(str(tmp_path / "ckpt"))
+    assert loaded.config.talker == model.config.talker
+    assert all(torch.equal(a, b) for a, b in zip(model.talker.state_dict().values(),
+                                                   loaded.talker.state_dict().values()))
+    raw = json.loads((tmp_path / "ckpt/config.json").read_text())
+    raw.pop("talker"), raw.pop("excluded")
+    assert OmniConfig.from_dict(raw).talker is None
+    with pytest.raises(ValueError, match="talker only when config.talker is set"):
+        OmniModel(OmniConfig.from_dict(raw)).unfreeze("talker")
+
+
+# ----------------------------------------------------------------------------- ToyWorld speech targets end to end
+@pytest.fixture(scope="module")
+def spoken_world(tmp_path_factory):
+    from dataset.build_toyworld import build
+    out = tmp_path_factory.mktemp("spoken_world")
+    build(str(out), size="small", workers=1, speak=True)
+    return out
+
+
+def model_for(world) -> tuple[OmniModel, object]:
+    from dataset.processor import OmniProcessor
+    from dataset.tokenizer import load_tokenizer
+    from model.codec import MelCodec
+    torch.manual_seed(0)
+    tokenizer, codec = load_tokenizer(str(world / "tokenizer")), MelCodec.load(str(world / "codec"))
+    cfg = OmniConfig.preset("tiny")
+    cfg.llm.vocab_size, cfg.llm.num_hidden_layers = -(-len(tokenizer) // 64) * 64, 1
+    cfg.vision.num_hidden_layers, cfg.audio.encoder_layers = 1, 1
+    cfg.talker = tiny_talker_config(n_codebooks=codec.n_codebooks, vocab_size=codec.vocab_size, max_frames=10)
+    model = OmniModel(cfg.set_token_ids(tokenizer)).eval()
+    model.codec = codec
+    return model, OmniProcessor(tokenizer, cfg)
+
+
+def test_speak_flag_adds_speech_targets_that_become_talker_batches(spoken_world):
+    from dataset.omni_dataset import OmniDataset, collate
+    model, processor = model_for(spoken_world)
+    dataset = OmniDataset(str(spoken_world / "sft.jsonl"), processor.tokenizer, model.config, codec=model.codec)
+    spoken = [i for i, (_, s) in enumerate(dataset.records) if "speech" in s["conversations"][-1]]
+    assert spoken and all(dataset.records[i][1]["task"] in {"color", "shape", "count", "position", "audio_qa", "asr"}
+                          for i in spoken)
+    item = dataset[spoken[0]]
+    answer = dataset.records[spoken[0]][1]["conversations"][-1]["content"]
+    assert processor.tokenizer.decode(item["input_ids"][item["speech_text_mask"]]) == answer
+    assert item["speech_codes"].shape[0] == model.codec.n_codebooks
+    batch = collate([item, dataset[next(i for i in range(len(dataset)) if i not in spoken)]],
+                    processor.tokenizer.pad_token_id)
+    assert batch["speech_lens"].tolist() == [item["speech_codes"].shape[1], 0]
+    assert model(**batch)["speech_loss"] > 0
+
+
+@torch.no_grad()
+def test_streamed_speech_equals_the_talker_on_the_whole_answer(spoken_world):
+    model, processor = model_for(spoken_world)
+    question = [{"role": "user", "content": "What color is the star?"}]
+    streamed = list(model.chat(processor, question, speak=True, stream=True, max_new_tokens=6, voice="max"))
+    text, wav = model.chat(processor, question, speak=True, max_new_tokens=6, voice="max")
+    assert "".join(t for t, _ in streamed) == text == model.chat(processor, question, max_new_tokens=6)
+    assert len(streamed) > 2 and sum(len(a) for _, a in streamed) > 0 and len(wav) > 0
+
+    batch = processor(question)                                    # the whole answer, read in one forward pass
+    steps = model.stream_generate(**batch, max_new_tokens=7, stop_ids=processor.stop_ids, with_hidden=True)
+    frames = torch.cat([f for _, f in model.speak_stream(steps, processor.tokenizer, set(processor.stop_ids),
+                                                         "max", max_tokens=6)], 1)
+    answer = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = torch.cat([batch["input_ids"][0], answer])
+    hidden = model.llm(input_ids=ids[None], logits_at="none").hidden_states[0, -len(answer):]
+    whole = model.talker.generate(model.llm.get_input_embeddings()(answer), hidden, voice=1)
+    assert torch.equal(frames, whole)
