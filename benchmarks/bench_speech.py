@@ -38,7 +38,8 @@ def clean(text: str) -> str:
 
 
 def judge_items(data: str, split: str) -> list[tuple[str, str]]:
-    """(wav path, transcript) of a split's spoken answers and (training splits) its ASR clips, unique by path."""
+    """(wav path, transcript) of a split's spoken answers and (training splits) its ASR clips, unique by path
+    (spoken answers are named after their text and voice, so an answer the training split also has is one file)."""
     items = {}
     with open(os.path.join(data, f"{split}.jsonl"), encoding="utf-8") as f:
         for line in f:
@@ -131,15 +132,15 @@ def cer(judge: Judge, wavs: list[torch.Tensor], refs: list[str], batch: int = 32
 
 
 @torch.no_grad()
-def talker_speech(model: OmniModel, processor, data: str, limit: int) -> tuple[list[torch.Tensor], list[str]]:
-    """The talker speaking each held-out reference answer (teacher-forced through the LLM), one sample at a time."""
+def talker_speech(model: OmniModel, processor, data: str) -> dict[str, torch.Tensor]:
+    """{wav path: the talker speaking that held-out reference answer} (teacher-forced through the LLM), one
+    sample per distinct spoken answer."""
     dataset = OmniDataset(os.path.join(data, "test.jsonl"), processor.tokenizer, model.config, codec=model.codec)
-    wavs, refs, seen = [], [], set()
+    spoken = {}
     for index, (_, sample) in enumerate(dataset.records):
         answer = sample["conversations"][-1]
-        if "speech" not in answer or answer["speech"] in seen or len(wavs) >= limit:
+        if "speech" not in answer or os.path.join(data, answer["speech"]) in spoken:
             continue
-        seen.add(answer["speech"])
         batch = collate([dataset[index]], processor.tokenizer.pad_token_id)
         media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")
                  and not k.startswith("speech_")}
@@ -148,9 +149,8 @@ def talker_speech(model: OmniModel, processor, data: str, limit: int) -> tuple[l
         mask = batch["speech_text_mask"][0]
         text_embeds = model.llm.get_input_embeddings()(batch["input_ids"][0][mask])
         codes = model.talker.generate(text_embeds, hidden[mask], int(batch["speech_voices"][0]))
-        wavs.append(model.codec.decode(codes) if codes.shape[1] else torch.zeros(1))
-        refs.append(clean(answer["content"]))
-    return wavs, refs
+        spoken[os.path.join(data, answer["speech"])] = model.codec.decode(codes)
+    return spoken
 
 
 def streaming(model: OmniModel, processor, data: str, n: int) -> dict:
@@ -175,20 +175,25 @@ def streaming(model: OmniModel, processor, data: str, n: int) -> dict:
 
 
 def measure(args):
+    """CER of ground truth / codec round trip / talker, on all held-out spoken answers and on those whose text
+    no training answer has (the talker has never said that text; the judge never heard it)."""
     judge = Judge.load(args.judge)
-    items = judge_items(args.data, "test")
-    truth = [read(p) for p, _ in items]
-    refs = [t for _, t in items]
     model = OmniModel.from_pretrained(args.ckpt).eval()
     processor = OmniProcessor.from_pretrained(args.ckpt, model.config)
-    results = {"judge": "in-domain CTC (Whisper-style tiny encoder) trained on clean ToyWorld speech",
-               "n_clips": len(items), "cer_ground_truth": cer(judge, truth, refs),
-               "cer_codec_round_trip": cer(judge, [model.codec.decode(model.codec.encode(w)) for w in truth], refs)}
+    trained_texts = {t for split in ("pretrain", "sft") for _, t in judge_items(args.data, split)}
     t0 = time.time()
-    spoken, spoken_refs = talker_speech(model, processor, args.data, args.limit)
-    results.update(cer_talker=cer(judge, spoken, spoken_refs), n_talker=len(spoken),
-                   talker_seconds=time.time() - t0)
-    results["talker_over_round_trip"] = results["cer_talker"] / max(results["cer_codec_round_trip"], 1e-9)
+    spoken = talker_speech(model, processor, args.data)
+    talker_seconds = time.time() - t0
+    results = {"judge": "in-domain CTC (Whisper-style tiny encoder) trained on clean ToyWorld speech"}
+    for subset, keep in (("all", lambda t: True), ("unseen_text", lambda t: t not in trained_texts)):
+        items = [(p, t) for p, t in judge_items(args.data, "test") if keep(t)]
+        truth, refs = [read(p) for p, _ in items], [t for _, t in items]
+        row = {"n_clips": len(items), "cer_ground_truth": cer(judge, truth, refs),
+               "cer_codec_round_trip": cer(judge, [model.codec.decode(model.codec.encode(w)) for w in truth], refs),
+               "cer_talker": cer(judge, [spoken[p] for p, _ in items], refs)}
+        row["talker_over_round_trip"] = row["cer_talker"] / max(row["cer_codec_round_trip"], 1e-9)
+        results[subset] = row
+    results["talker_seconds"] = talker_seconds
     results["streaming"] = streaming(model, processor, args.data, args.stream_n)
     results["threads"] = torch.get_num_threads()
     print(json.dumps(results, indent=2))
@@ -208,7 +213,6 @@ def main():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=200, help="held-out answers the talker speaks")
     p.add_argument("--stream_n", type=int, default=10, help="answers streamed for latency / real-time factor")
     args = p.parse_args()
     train_judge(args) if args.mode == "judge" else measure(args)

@@ -4,6 +4,7 @@
 #   bash scripts/demo.sh                       # DATA=data/toyworld OUT=out/demo
 #   DATA=/tmp/tw OUT=/tmp/demo bash scripts/demo.sh
 #   DPO=1 bash scripts/demo.sh                 # + the RLAIF-V DPO stage (pairs from the SFT model, DPO, eval)
+#   SPEAK=1 bash scripts/demo.sh               # + speech output: spoken-answer data, the talker, its measurement
 # Re-running continues where it stopped (every stage runs with --resume auto); rm -rf "$OUT" to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,18 @@ if [ "${DPO:-0}" = 1 ]; then  # RLAIF-V: the SFT model's own answers, ranked by 
   run eval_dpo python eval_omni.py --ckpt "$OUT/dpo" --bench "$DATA/test.jsonl" --out "$OUT/results_dpo.json"
   echo "after DPO:"
   sed -n '/^task/,/^captions/p' "$OUT/logs/eval_dpo.log"
+fi
+if [ "${SPEAK:-0}" = 1 ]; then  # speech output: ToyWorld with spoken answers + codec, a talker on the frozen SFT LLM
+  SPEECH_DATA=${SPEECH_DATA:-${DATA}_speak}
+  [ -f "$SPEECH_DATA/codec/codec.json" ] || run speak_data python dataset/build_toyworld.py --out "$SPEECH_DATA" --speak
+  run talker python train_sft_omni.py --init "$OUT/sft" --train talker --speech_weight 1 --epochs 12 \
+    --data "$SPEECH_DATA/pretrain.jsonl" "$SPEECH_DATA/sft.jsonl" --tasks color,shape,count,position,audio_qa,asr \
+    --out "$OUT/talker" "${COMMON[@]}"
+  [ -f "$OUT/speech_judge/judge.pt" ] || run judge python benchmarks/bench_speech.py judge --data "$SPEECH_DATA" \
+    --out "$OUT/speech_judge"
+  run bench_speech python benchmarks/bench_speech.py measure --data "$SPEECH_DATA" --judge "$OUT/speech_judge" \
+    --ckpt "$OUT/talker" --out "$OUT/speech_results.json"
+  cat "$OUT/speech_results.json"
 fi
 echo
 echo "time per stage:"
