@@ -25,6 +25,7 @@ from dataset.judge import hallucination_metrics
 from dataset.omni_dataset import collate, left_pad
 from dataset.processor import OmniProcessor
 from model.model_omni import OmniModel
+from stage_utils import standin_expansions
 
 CHAR_TASKS = {"ocr", "asr"}  # scored by 1 - CER; every other task by exact match
 
@@ -62,8 +63,10 @@ def score(task: str, prediction: str, reference: str) -> float:
 
 
 # ----------------------------------------------------------------------------- batched generation
-def bench_prompts(path: str, tasks: set[str] | None, limit: int | None):
-    """(sample, messages without the final answer, reference answer) for every benchmark line."""
+def bench_prompts(path: str, tasks: set[str] | None, limit: int | None, standins: bool = False):
+    """(sample, messages without the final answer, reference answer, media) for every benchmark line.
+    standins: every medium is replaced by its text stand-in (what the LLM's text warm-up reads), so the score is
+    what the LLM can answer from a perfect description: the ceiling for reading the media themselves."""
     root = os.path.dirname(os.path.abspath(path))
     per_task = defaultdict(int)
     with open(path, encoding="utf-8") as f:
@@ -75,19 +78,23 @@ def bench_prompts(path: str, tasks: set[str] | None, limit: int | None):
             per_task[task] += 1
             messages = conversation_messages(sample)
             media = {k: [os.path.join(root, p) for p in sample.get(k) or []] for k in ("images", "audios", "videos")}
+            if standins:
+                media = {k: [] for k in media} | {"as_text": standin_expansions(sample)}
+                if media["as_text"] is None:
+                    continue
             yield sample, messages[:-1], messages[-1]["content"], media
 
 
 @torch.no_grad()
-def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max_new_tokens=48):
+def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max_new_tokens=48, standins=False):
     """-> (results {"tasks": {task: {metric, value, n}}}, per-sample records)."""
     device = next(model.parameters()).device
-    items = list(bench_prompts(path, tasks, limit))
+    items = list(bench_prompts(path, tasks, limit, standins))
     records, stop = [], processor.stop_ids
     for start in tqdm(range(0, len(items), batch_size), desc="bench", disable=not sys.stderr.isatty()):
         chunk = items[start:start + batch_size]
         singles = [processor.sample(prompt, media["images"], media["audios"], media["videos"],
-                                    enable_thinking=bool(sample.get("thinking", False)))
+                                    enable_thinking=bool(sample.get("thinking", False)), media_as_text=media.get("as_text"))
                    for sample, prompt, _, media in chunk]
         batch = left_pad(collate(singles, processor.tokenizer.pad_token_id))
         batch.pop("labels")
@@ -141,6 +148,8 @@ def main(argv=None):
     p.add_argument("--out", help="where to write the benchmark results json")
     p.add_argument("--tasks", help="comma-separated subset of tasks")
     p.add_argument("--limit", type=int, help="at most this many samples per task")
+    p.add_argument("--standins", action="store_true", help="bench with each medium replaced by its text stand-in "
+                                                            "(the LLM's ceiling: answering from a perfect description)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--speak", metavar="WAV", help="also speak the answer (streamed) into this wav (needs a talker)")
     p.add_argument("--voice", help="talker voice (default: the first of config.talker.voices)")
@@ -152,7 +161,8 @@ def main(argv=None):
     if args.bench:
         t0 = time.time()
         results, records = run_bench(model, processor, args.bench, args.batch_size,
-                                     set(args.tasks.split(",")) if args.tasks else None, args.limit)
+                                     set(args.tasks.split(",")) if args.tasks else None, args.limit,
+                                     standins=args.standins)
         print_table(results)
         print(f"scored {len(records)} samples in {time.time() - t0:.0f} s")
         if args.out:

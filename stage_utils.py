@@ -17,8 +17,10 @@ from dataset.chat import MARKERS, tokenize_conversation
 from dataset.media import audio_features, image_to_tensor, load_image, read_video
 from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
 from dataset.tokenizer import load_tokenizer
+from dataset.toyworld_text import describe_media
 from model.lora import apply_lora, merge_lora
-from model.model_omni import OmniConfig, OmniModel
+from model.model_omni import (AUDIO_END, AUDIO_START, IMAGE_END, IMAGE_START, VIDEO_END, VIDEO_START, OmniConfig,
+                              OmniModel)
 from model.warmup_heads import CELL_FIELDS
 from trainer import cleanup_distributed, is_main
 
@@ -121,9 +123,24 @@ def omni_data(args, config, tokenizer, codec=None):
             partial(length_grouped_batches, lengths, args.batch_size, args.seed))
 
 
+STANDIN_WRAP = {"image": (IMAGE_START, IMAGE_END), "audio": (AUDIO_START, AUDIO_END), "video": (VIDEO_START, VIDEO_END)}
+
+
+def standin_expansions(sample: dict) -> dict[str, list[str]] | None:
+    """Media markers -> their text stand-ins between the medium's start/end tokens (None without ToyWorld truth)."""
+    described = describe_media(sample)
+    if described is None:
+        return None
+    return {kind: [STANDIN_WRAP[kind][0] + text + STANDIN_WRAP[kind][1] for text in texts]
+            for kind, texts in described.items()}
+
+
 class TextDataset(Dataset):
-    """The conversations with their media removed: the LLM's warm-up on ToyWorld language (answer formats,
-    vocabulary), as a real LLM arrives knowing its language. Samples left without a question are dropped."""
+    """The LLM's warm-up on ToyWorld language, as a real LLM arrives knowing its language: the conversations with
+    each media item replaced by a text stand-in (a scene by its caption, speech by its transcript, ...; see
+    toyworld_text.describe_media) between the media's start/end tokens. So the LLM first learns to answer from a
+    DESCRIPTION in its context, and `align` then only has to make the media embeddings read like one. Samples
+    without ToyWorld ground truth get their media markers removed; those left without a question are dropped."""
 
     def __init__(self, paths: list[str], tokenizer):
         self.tokenizer, self.samples = tokenizer, []
@@ -131,9 +148,13 @@ class TextDataset(Dataset):
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     sample = json.loads(line)
-                    turns = [dict(t, content=self._strip(t["content"])) for t in sample["conversations"]]
-                    if all(t["content"] for t in turns):
-                        self.samples.append({"conversations": turns, "thinking": sample.get("thinking", False)})
+                    expansions = standin_expansions(sample)
+                    if expansions is None:
+                        turns = [dict(t, content=self._strip(t["content"])) for t in sample["conversations"]]
+                        if not all(t["content"] for t in turns):
+                            continue
+                        sample, expansions = dict(sample, conversations=turns), {}
+                    self.samples.append((sample, expansions))
 
     @staticmethod
     def _strip(text: str) -> str:
@@ -145,13 +166,15 @@ class TextDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        input_ids, labels = tokenize_conversation(self.samples[i], self.tokenizer)
+        sample, expansions = self.samples[i]
+        input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)
         return {"input_ids": input_ids, "labels": labels}
 
 
 def text_data(args, tokenizer):
     dataset = TextDataset(args.data, tokenizer)
-    lengths = [sum(len(t["content"]) for t in s["conversations"]) for s in dataset.samples]
+    lengths = [sum(len(t["content"]) for t in s["conversations"]) + sum(len(e) for es in x.values() for e in es)
+               for s, x in dataset.samples]
     return (dataset, partial(collate, pad_id=tokenizer.pad_token_id),
             partial(length_grouped_batches, lengths, args.batch_size, args.seed))
 

@@ -28,12 +28,14 @@ class OmniProcessor:
         batch.pop("labels")
         return batch
 
-    def sample(self, messages: list[dict], images=(), audios=(), videos=(), enable_thinking=False) -> dict:
+    def sample(self, messages: list[dict], images=(), audios=(), videos=(), enable_thinking=False,
+               media_as_text: dict[str, list[str]] | None = None) -> dict:
         """One prompt in the dataset's sample format (collate several for a batch).
 
         messages use <image>/<audio>/<video> markers in order; images are PIL images or paths, audios are paths
-        or 16 kHz mono waveforms, videos are GIF/WebP/mp4 paths or frame folders."""
-        sample, expansions = {}, {"image": [], "audio": [], "video": []}
+        or 16 kHz mono waveforms, videos are GIF/WebP/mp4 paths or frame folders. media_as_text fills the markers
+        with text instead ({kind: [text per marker]}, e.g. stage_utils.standin_expansions)."""
+        sample, expansions = {}, {"image": [], "audio": [], "video": []} | (media_as_text or {})
         for img in images:
             tensors, grid_hw, text = image_inputs(img if isinstance(img, Image.Image) else load_image(img), self.config)
             sample.setdefault("pixel_values", []).extend(tensors)

@@ -309,3 +309,36 @@ def think_neighbor(lang: str, step: tuple[int, int], anchor: dict, other: dict) 
     return (f"{zs}{rel_zh}的形状是什么颜色？",
             f"{zs}在{pa[2]}。\n它{rel_zh}的形状在{po[2]}，是一个{zo}。\n所以颜色是{COLORS[other['color']][1]}。",
             answer(lang, COLORS[other["color"]][1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Media as text: what each image / clip / audio of a sample shows, for the LLM's text-only warm-up
+# ---------------------------------------------------------------------------------------------------------------------
+def describe_media(sample: dict) -> dict[str, list[str]] | None:
+    """{"image": [...], "audio": [...], "video": [...]} text stand-ins for a ToyWorld sample's media, in order
+    (None when the sample carries no ToyWorld ground truth). A scene reads as its caption, rendered text as itself,
+    speech as its transcript, a clip as its first frame plus what happens."""
+    meta, lang = sample.get("meta") or {}, sample.get("lang", "en")
+    out = {"image": [], "audio": [], "video": []}
+    if "scenes" in meta:
+        out["image"] = [caption(lang, sc["objects"]) for sc in meta["scenes"]]
+    elif "scene" in meta:
+        out["image"] = [caption(lang, meta["scene"]["objects"])]
+    elif "text" in meta:
+        out["image"] = [meta["text"]]
+    if "transcript" in meta:
+        out["audio"] = [meta["transcript"]]
+    if meta.get("kind") in ("move", "appear"):
+        o = meta["object"]
+        if meta["kind"] == "move":
+            first = caption(lang, meta["objects"] + [o])
+            event = (f"The {obj_name(lang, o['color'], o['shape'])} moves {meta['direction']}." if lang == "en" else
+                     f"{obj_name(lang, o['color'], o['shape'])}向{DIRECTIONS[meta['direction']]}移动。")
+        else:
+            first = caption(lang, meta["objects"])
+            where = POSITIONS[o["cell"][0] * 3 + o["cell"][1]]
+            event = (f"Then {a_obj(lang, o['color'], o['shape'])[:-1].lower()} appears {where[1]}." if lang == "en"
+                     else f"然后{where[2]}出现了{a_obj(lang, o['color'], o['shape'])}")
+        out["video"] = [f"{first} {event}"]
+    counts = {kind: len(sample.get(kind + "s") or []) for kind in out}
+    return out if any(counts.values()) and all(len(out[k]) == counts[k] for k in out) else None

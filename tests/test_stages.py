@@ -13,11 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval_omni
 import train_pretrain_omni
 import train_sft_omni
 from dataset.build_toyworld import build
 from model.model_omni import OmniModel
-from stage_utils import build_model, omni_data, set_trainable
+from dataset.tokenizer import load_tokenizer
+from stage_utils import TextDataset, build_model, omni_data, set_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4", "--log_every", "1"]
@@ -70,6 +72,47 @@ def test_each_stage_trains_only_its_components(chain):
         for prefix in ["vision_tower.", "audio_tower.", "llm.", "resampler.", "audio_projector."]:
             assert changed(chain / prev, chain / stage, prefix) == (prefix in trains[stage]), (stage, prefix)
         prev = stage
+
+
+def test_text_warmup_reads_media_as_their_ground_truth(world):
+    """The text stage replaces each medium by what it shows, between that medium's start/end tokens; answers stay
+    the only trained tokens. Checked against the jsonl's own ground truth for every family."""
+    tokenizer = load_tokenizer(str(world / "tokenizer"))
+    dataset = TextDataset([str(world / "sft.jsonl")], tokenizer)
+    seen = set()
+    for (sample, _), i in zip(dataset.samples, range(len(dataset))):
+        item = dataset[i]
+        text = tokenizer.decode(item["input_ids"])
+        meta, task = sample["meta"], sample["task"]
+        seen.add(task)
+        if task == "asr":
+            assert f"<|audio_start|>{meta['transcript']}<|audio_end|>" in text
+        elif task == "ocr":
+            assert f"<image>{meta['text']}</image>" in text
+        elif task == "multi_image":
+            assert text.count("<image>") == 2 and text.count("</image>") == 2
+        elif task == "video":
+            assert "<video>" in text and meta["object"]["shape"] in text.split("</video>")[0]
+        else:  # one scene: every object of its ground truth is named inside the image span
+            image_span = text.split("<image>")[1].split("</image>")[0]
+            assert all(f"{o['color']} {o['shape']}" in image_span for o in meta["scene"]["objects"])
+        assert "<|image_pad|>" not in text and "<|audio_pad|>" not in text
+        answer = tokenizer.decode(item["labels"][item["labels"] >= 0])
+        assert answer.endswith(sample["conversations"][-1]["content"].split("</think>")[-1].strip() + "<|im_end|>")
+    assert seen >= {"asr", "ocr", "multi_image", "video", "color", "audio_qa"}
+
+
+def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
+    model, processor = eval_omni.load(str(chain / "sft"), None, "cpu")
+    items = list(eval_omni.bench_prompts(str(world / "test.jsonl"), None, None, standins=True))
+    for sample, prompt, _, media in items:
+        assert not any(media[k] for k in ("images", "audios", "videos"))
+        text = processor.tokenizer.decode(processor.sample(prompt, media_as_text=media["as_text"])["input_ids"])
+        assert not any(pad in text for pad in ("<|image_pad|>", "<|audio_pad|>", "<|video_pad|>"))
+        if sample["task"] in ("asr", "ocr"):
+            assert sample["meta"]["answer"] in text
+    results, _ = eval_omni.run_bench(model, processor, str(world / "test.jsonl"), standins=True)
+    assert set(results["tasks"]) == {sample["task"] for sample, *_ in items}
 
 
 def test_warmup_refuses_pretrained_towers(chain, monkeypatch):
