@@ -663,7 +663,8 @@ def assign_paths(samples: list[dict], split: str) -> dict[str, dict]:
 
 def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: int | None = None,
           speak: bool = False) -> dict:
-    """Build ToyWorld into `out`; returns {split: Counter((task, lang))}. speak: spoken answers + codec (speech_targets)."""
+    """Build ToyWorld into `out`; returns {split: Counter((task, lang))}.
+    speak: spoken answers + the speech codec (dataset/speech_targets.py)."""
     t0 = time.time()
     langs = [lang for lang in (langs.split(",") if isinstance(langs, str) else langs) if lang]
     if not set(langs) <= {"en", "zh"} or size not in COUNTS:

@@ -361,7 +361,8 @@ class OmniModel(nn.Module):
             hidden = hidden.detach()
         embeds = self.llm.get_input_embeddings()(input_ids)          # [B, T, D]
         rows = torch.nonzero(speech_lens > 0).flatten().tolist()
-        return self.talker([embeds[b][speech_text_mask[b]] for b in rows], [hidden[b][speech_text_mask[b]] for b in rows],
+        masks = [speech_text_mask[b] for b in rows]
+        return self.talker([embeds[b][m] for b, m in zip(rows, masks)], [hidden[b][m] for b, m in zip(rows, masks)],
                            [speech_codes[b, :, :speech_lens[b]] for b in rows], speech_voices[rows])
 
     # ---- generation

@@ -22,9 +22,9 @@ Streaming order. Text and speech are interleaved in fixed chunks, in training ex
     [voice] [text 0..n) [steps 0..m) [text n..2n) [steps m..2m) ... (then whatever is left of either)
 
 so the talker can start speaking after the first n answer tokens and never waits for the whole answer. The
-item before step s (a text item at a chunk boundary, else step s-1) predicts step s. m is chosen so speech lags
-the text (m steps = m / 25 s, longer than n tokens usually take to say is NOT wanted: the talker would run out
-of text); the defaults give 0.48 s of speech per 4 tokens.
+item before step s (a text item at a chunk boundary, else step s-1) predicts step s. m is chosen so the text
+stays ahead of the speech: m steps (0.48 s by default) are shorter than n tokens (4) take to say, so the
+talker always has the words it is saying (and a few after them) in view.
 """
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field

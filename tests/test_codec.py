@@ -12,7 +12,8 @@ def chirp(seconds: float, f0: float, sample_rate: int = 16000) -> torch.Tensor:
 
 
 def clips() -> list[torch.Tensor]:
-    return [chirp(0.6, f) for f in (200, 450, 900)] + [0.1 * torch.randn(8000, generator=torch.Generator().manual_seed(0))]
+    noise = 0.1 * torch.randn(8000, generator=torch.Generator().manual_seed(0))
+    return [chirp(0.6, f) for f in (200, 450, 900)] + [noise]
 
 
 def test_kmeans_recovers_separated_clusters_deterministically():
