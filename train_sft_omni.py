@@ -34,7 +34,7 @@ def parse_args(argv=None):
     g.add_argument("--speech_weight", type=float, default=0.0, help="weight of the talker loss (0 = off)")
     g.add_argument("--codec", default="", help="speech codec folder (default: codec/ next to the first --data)")
     add_common_args(parser)
-    parser.set_defaults(out="out/sft", train="vision,audio,llm,projectors", epochs=3, batch_size=16, lr=1e-3,
+    parser.set_defaults(out="out/sft", train="vision,audio,llm,projectors", epochs=2, batch_size=16, lr=1e-3,
                         warmup_ratio=0.05)
     return parser.parse_args(argv)
 
