@@ -94,7 +94,8 @@ def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max
     for start in tqdm(range(0, len(items), batch_size), desc="bench", disable=not sys.stderr.isatty()):
         chunk = items[start:start + batch_size]
         singles = [processor.sample(prompt, media["images"], media["audios"], media["videos"],
-                                    enable_thinking=bool(sample.get("thinking", False)), media_as_text=media.get("as_text"))
+                                    enable_thinking=bool(sample.get("thinking", False)),
+                                    media_as_text=media.get("as_text"))
                    for sample, prompt, _, media in chunk]
         batch = left_pad(collate(singles, processor.tokenizer.pad_token_id))
         batch.pop("labels")
