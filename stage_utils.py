@@ -123,6 +123,15 @@ def omni_data(args, config, tokenizer, codec=None):
             partial(length_grouped_batches, lengths, args.batch_size, args.seed))
 
 
+def jsonl_samples(paths: list[str]):
+    """(folder of the file, sample) for every line of every jsonl: media paths in a sample are relative to it."""
+    for path in paths:
+        root = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield root, json.loads(line)
+
+
 STANDIN_WRAP = {"image": (IMAGE_START, IMAGE_END), "audio": (AUDIO_START, AUDIO_END), "video": (VIDEO_START, VIDEO_END)}
 
 
@@ -144,17 +153,14 @@ class TextDataset(Dataset):
 
     def __init__(self, paths: list[str], tokenizer):
         self.tokenizer, self.samples = tokenizer, []
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    sample = json.loads(line)
-                    expansions = standin_expansions(sample)
-                    if expansions is None:
-                        turns = [dict(t, content=self._strip(t["content"])) for t in sample["conversations"]]
-                        if not all(t["content"] for t in turns):
-                            continue
-                        sample, expansions = dict(sample, conversations=turns), {}
-                    self.samples.append((sample, expansions))
+        for _, sample in jsonl_samples(paths):
+            expansions = standin_expansions(sample)
+            if expansions is None:
+                turns = [dict(t, content=self._strip(t["content"])) for t in sample["conversations"]]
+                if not all(t["content"] for t in turns):
+                    continue
+                sample, expansions = dict(sample, conversations=turns), {}
+            self.samples.append((sample, expansions))
 
     @staticmethod
     def _strip(text: str) -> str:
@@ -183,11 +189,9 @@ def text_data(args, tokenizer):
 def charset(paths: list[str]) -> list[str]:
     """Every character of the OCR texts and transcripts (lower-cased: the benchmark ignores case)."""
     chars = set()
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                meta = json.loads(line).get("meta", {})
-                chars.update((meta.get("text") or "").lower() + (meta.get("transcript") or "").lower())
+    for _, sample in jsonl_samples(paths):
+        meta = sample.get("meta", {})
+        chars.update((meta.get("text") or "").lower() + (meta.get("transcript") or "").lower())
     return sorted(chars)
 
 
@@ -216,20 +220,16 @@ class VisionWarmupData(Dataset):
 
     def __init__(self, paths: list[str], chars: list[str], image_size: int):
         self.chars, self.size, self.items = chars, image_size, []
-        for path in paths:
-            root = os.path.dirname(os.path.abspath(path))
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    s = json.loads(line)
-                    m, images = s.get("meta", {}), [os.path.join(root, p) for p in s.get("images") or []]
-                    if s.get("task") == "ocr" and m.get("layout") == "square":
-                        self.items.append(("text", images[0], m["text"]))
-                    elif "scenes" in m:
-                        self.items += [("scene", p, sc["objects"]) for p, sc in zip(images, m["scenes"])]
-                    elif "scene" in m and images:
-                        self.items.append(("scene", images[0], m["scene"]["objects"]))
-                    elif s.get("task") == "video":
-                        self.items.append(("video", os.path.join(root, s["videos"][0]), m))
+        for root, s in jsonl_samples(paths):
+            m, images = s.get("meta", {}), [os.path.join(root, p) for p in s.get("images") or []]
+            if s.get("task") == "ocr" and m.get("layout") == "square":
+                self.items.append(("text", images[0], m["text"]))
+            elif "scenes" in m:
+                self.items += [("scene", p, sc["objects"]) for p, sc in zip(images, m["scenes"])]
+            elif "scene" in m and images:
+                self.items.append(("scene", images[0], m["scene"]["objects"]))
+            elif s.get("task") == "video":
+                self.items.append(("video", os.path.join(root, s["videos"][0]), m))
 
     def __len__(self):
         return len(self.items)
@@ -268,13 +268,9 @@ class AudioWarmupData(Dataset):
 
     def __init__(self, paths: list[str], chars: list[str], config: OmniConfig):
         self.chars, self.config, self.items = chars, config, []
-        for path in paths:
-            root = os.path.dirname(os.path.abspath(path))
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    s = json.loads(line)
-                    if s.get("audios") and s.get("meta", {}).get("transcript"):
-                        self.items.append((os.path.join(root, s["audios"][0]), s["meta"]["transcript"]))
+        for root, s in jsonl_samples(paths):
+            if s.get("audios") and s.get("meta", {}).get("transcript"):
+                self.items.append((os.path.join(root, s["audios"][0]), s["meta"]["transcript"]))
 
     def __len__(self):
         return len(self.items)
