@@ -9,6 +9,8 @@ model sees exactly what it was trained on. Every upload goes through the model's
 is sent; a file the model cannot use (unknown type, corrupt) becomes a notice in the chat and never enters the
 history. The server itself refuses uploads over --max_upload_mb. Nothing leaves the machine: 127.0.0.1 only, no
 share link, no analytics. Generations run one at a time (a queue), each browser tab has its own conversation.
+A checkpoint with a talker (model/talker.py) can also speak its answers: tick "Speak the answer" and pick a voice;
+the waveform plays in the page when the answer is complete.
 """
 import argparse
 import json
@@ -17,6 +19,7 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check: the demo never phones home
 
 import gradio as gr
+import numpy as np
 import torch
 from PIL import Image
 
@@ -116,23 +119,28 @@ def build_demo(ckpt: str, tokenizer: str | None = None, device: str = "cpu", exa
     try:
         model, processor = load(ckpt, tokenizer, device)
         status = f"Model: `{ckpt}` ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device})."
+        voices = model.config.talker.voices if model.talker is not None and model.codec is not None else []
     except Exception as e:  # missing folder, half-written or mismatched checkpoint: the page says what to do
         model = processor = None
+        voices = []
         why = "folder not found" if not os.path.isdir(ckpt) else f"{type(e).__name__}: {e}"
         status = NO_CHECKPOINT.format(ckpt=ckpt, why=why)
 
-    def respond(box, conv, thinking, temperature, top_p, max_new_tokens):
-        """One turn: check the uploads, then stream the answer into the chat token by token."""
+    def respond(box, conv, thinking, temperature, top_p, max_new_tokens, speak=False, voice=None):
+        """One turn: check the uploads, then stream the answer into the chat token by token (and, with `speak`,
+        collect the talker's audio chunks as they come; the page gets the waveform with the last piece)."""
         text, files = strip_markers((box or {}).get("text") or ""), (box or {}).get("files") or []
         try:
             if model is None:
                 raise BadInput(status)
             if not text and not files:
                 raise BadInput("Type a question, attach a file or record one.")
+            if speak and voices and voice not in voices:
+                raise BadInput(f"Unknown voice {voice!r}: this model speaks with {', '.join(voices)}.")
             kinds = [check_media(path, processor) for path in files]
         except BadInput as e:
             conv["chat"].append(notice(str(e)))
-            yield conv["chat"], conv, {"text": text, "files": []}
+            yield conv["chat"], conv, {"text": text, "files": []}, None
             return
         # the turn in training format: one marker line per file (images, videos, audios), then the text
         ordered = [(path, kind) for k in MARKERS for path, kind in zip(files, kinds) if kind == k]
@@ -143,23 +151,34 @@ def build_demo(ckpt: str, tokenizer: str | None = None, device: str = "cpu", exa
         if text:
             conv["chat"].append({"role": "user", "content": text})
         conv["chat"].append({"role": "assistant", "content": ""})
-        yield conv["chat"], conv, None
-        answer = ""
+        yield conv["chat"], conv, None, None
+        speak = bool(speak and voices)
+        answer, audio = "", []
         try:
-            for piece in model.chat(processor, messages, media["image"], media["audio"], media["video"],
-                                    enable_thinking=thinking, stream=True, max_new_tokens=int(max_new_tokens),
-                                    temperature=temperature, top_p=top_p):
+            for out in model.chat(processor, messages, media["image"], media["audio"], media["video"],
+                                  enable_thinking=thinking, stream=True, max_new_tokens=int(max_new_tokens),
+                                  temperature=temperature, top_p=top_p, speak=speak, voice=voice):
+                piece, chunk = out if speak else (out, None)
+                if chunk is not None:
+                    audio.append(chunk)
                 answer += piece
                 conv["chat"][-1]["content"] = answer
-                yield conv["chat"], conv, None
+                yield conv["chat"], conv, None, gr.skip()
         except Exception as e:  # e.g. a conversation longer than the model's context: this turn is dropped
             conv["chat"][-1] = notice(f"The model could not answer ({type(e).__name__}: {e}). Press Clear to "
                                       f"start a new conversation.")
-            yield conv["chat"], conv, None
+            yield conv["chat"], conv, None, None
             return
         conv["messages"], conv["media"] = messages + [{"role": "assistant", "content": answer}], media
         conv["chat"][-1]["content"] = answer or "*(empty answer: the model stopped at once)*"
-        yield conv["chat"], conv, None
+        yield conv["chat"], conv, None, spoken(audio)
+
+    def spoken(chunks: list[torch.Tensor]):
+        """Audio chunks -> what gr.Audio plays: (sample rate, int16 samples), or None for no speech."""
+        if not chunks:
+            return None
+        wav = torch.cat(chunks).clamp(-1, 1).numpy()
+        return model.codec.sample_rate, (wav * 32767).astype(np.int16)
 
     with gr.Blocks(title="Omni chat (MiniCPM-o from scratch)") as demo:
         gr.Markdown("## Omni chat — ask about images, sounds and short clips\n" + status)
@@ -177,18 +196,22 @@ def build_demo(ckpt: str, tokenizer: str | None = None, device: str = "cpu", exa
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear = gr.Button("Clear", elem_id="clear")
-                # Hook for spoken answers: once a talker exists, make this visible and return its waveform
-                # ((sample_rate, wav)) as one more output of `respond`; autoplay plays it in the page.
-                gr.Audio(label="Spoken answer", elem_id="speech", autoplay=True, interactive=False, visible=False)
+                speech = gr.Audio(label="Spoken answer", elem_id="speech", autoplay=True, interactive=False,
+                                  visible=bool(voices))
             with gr.Column(scale=1, min_width=220):
                 thinking = gr.Checkbox(label="Think before answering", elem_id="thinking")
                 temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (when temperature > 0)")
                 max_new_tokens = gr.Slider(8, 512, value=128, step=8, label="Max new tokens")
-        inputs, outputs = [box, conv, thinking, temperature, top_p, max_new_tokens], [chat, conv, box]
+                speak = gr.Checkbox(label="Speak the answer", value=bool(voices), visible=bool(voices),
+                                    elem_id="speak")
+                voice = gr.Dropdown(voices, value=voices[0] if voices else None, label="Voice", visible=bool(voices),
+                                    elem_id="voice", allow_custom_value=True)  # respond() checks it
+        inputs = [box, conv, thinking, temperature, top_p, max_new_tokens, speak, voice]
+        outputs = [chat, conv, box, speech]
         send.click(respond, inputs, outputs, api_name="chat")
         box.submit(respond, inputs, outputs, api_visibility="private")
-        clear.click(lambda: ([], new_conversation(), None), None, [chat, conv, box], api_name="clear")
+        clear.click(lambda: ([], new_conversation(), None, None), None, [chat, conv, box, speech], api_name="clear")
         chat.clear(new_conversation, None, conv, api_visibility="private")  # the chat's own trash icon
         rows, labels = load_examples(examples) if examples else ([], [])
         if rows:

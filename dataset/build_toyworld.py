@@ -55,6 +55,7 @@ COUNTS = {
                  "video": 2, "multi_image": 3, "think": 4},
     },
 }
+READ_ALOUD = {"full": 2000, "small": 3}  # --speak only: phrases to say back, in the sft split (gen_read_aloud)
 SPLITS = ["pretrain", "sft", "test"]
 TEST_SEED_OFFSET = 1000  # the test split draws from the stream of seed + 1000
 
@@ -374,6 +375,23 @@ def gen_asr(rng, lang, i, test):
     return [make_sample("asr", lang, rng.choice(T.PROMPTS[lang]["asr"]), text, meta, audios=[spec])]
 
 
+def gen_read_aloud(rng, lang, i, test):
+    """A phrase to say back (`--speak` builds only): reading practice for the talker. The other tasks' spoken
+    answers are a few hundred distinct texts, too few to learn how each word sounds; these are new word sequences
+    over the whole ASR lexicon, never one holding a held-out two-word combination (those stay test-only)."""
+    makers = [lambda: [rng.choice(T.ADJECTIVES + T.COLOR_WORDS), rng.choice(T.NOUNS)],
+              lambda: [rng.choice(T.NUMBER_WORDS[2:]), T.plural_noun(rng.choice(T.COUNTABLE))],
+              lambda: [rng.choice(T.ADJECTIVES), rng.choice(T.COLOR_WORDS), rng.choice(T.NOUNS)],
+              lambda: [rng.choice(T.WORDS) for _ in range(rng.randint(2, 3))]]
+    while True:
+        words = rng.choice(makers)()
+        if not any(T.held_out(" ".join(pair)) for pair in zip(words, words[1:])):
+            break
+    text = " ".join(words)
+    return [make_sample("read_aloud", lang, rng.choice(T.PROMPTS[lang]["read_aloud"]).format(text),
+                        T.answer(lang, text), {"text": text, "answer": T.answer(lang, text)})]
+
+
 def gen_audio_qa(rng, lang, i, test):
     """A scene question asked aloud: the model must listen to know what to look for."""
     kind = list(ASK)[i % len(ASK)]
@@ -497,7 +515,8 @@ def gen_think(rng, lang, i, test):
 
 
 GENERATORS = {"caption": gen_caption, **{t: gen_scene_qa(t) for t in ASK}, "ocr": gen_ocr, "asr": gen_asr,
-              "audio_qa": gen_audio_qa, "video": gen_video, "multi_image": gen_multi_image, "think": gen_think}
+              "audio_qa": gen_audio_qa, "video": gen_video, "multi_image": gen_multi_image, "think": gen_think,
+              "read_aloud": gen_read_aloud}
 
 
 def signatures(sample: dict) -> list[str]:
@@ -513,6 +532,8 @@ def signatures(sample: dict) -> list[str]:
                                     ensure_ascii=False)]
     if sample["task"] == "asr":
         return ["asr:" + json.dumps([m["transcript"], m["voice"], m["speed"], m["pitch"]], ensure_ascii=False)]
+    if sample["task"] == "read_aloud":
+        return ["read_aloud:" + m["text"]]
     if sample["task"] == "video":
         return ["video:" + json.dumps([m["kind"], objects(m["objects"]), objects([m["object"]]), m.get("direction")])]
     scenes = m["scenes"] if "scenes" in m else [m["scene"]]
@@ -681,6 +702,9 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
             for lang in langs:
                 rng = random.Random(f"toyworld/{stream}/{split}/{task}/{lang}")
                 samples[split] += generate(task, lang, n, rng, test, train_signatures if test else set())
+        if speak and split == "sft":  # the talker's reading practice (English: the assistant voices are English)
+            rng = random.Random(f"toyworld/{stream}/{split}/read_aloud/en")
+            samples[split] += generate("read_aloud", "en", READ_ALOUD[size], rng, False, set())
         if not test:
             train_signatures |= {sig for s in samples[split] for sig in signatures(s)}
         jobs.update(assign_paths(samples[split], split))
@@ -720,7 +744,7 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
 def print_stats(stats: dict, langs: list[str]) -> None:
     columns = [(split, lang) for split in SPLITS for lang in langs]
     print(f"{'task':<12}" + "".join(f"{split + ('/' + lang if len(langs) > 1 else ''):>14}" for split, lang in columns))
-    for task in TASKS:
+    for task in TASKS + sorted({task for split in stats for task, _ in stats[split]} - set(TASKS)):
         print(f"{task:<12}" + "".join(f"{stats[split][task, lang]:>14}" for split, lang in columns))
     print(f"{'total':<12}" + "".join(f"{sum(n for (_, lg), n in stats[split].items() if lg == lang):>14}"
                                      for split, lang in columns))

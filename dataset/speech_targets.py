@@ -2,7 +2,8 @@
 on them.
 
 Which answers are spoken: the short ones, where a spoken reply is natural and a few seconds long: colour, shape,
-count and position questions (asked in text or aloud: audio_qa) and ASR (the assistant repeats what it heard).
+count and position questions (asked in text or aloud: audio_qa), ASR (the assistant repeats what it heard) and,
+in the sft split, READ_ALOUD phrases ("Say: three red cats"), the talker's reading practice.
 Captions, OCR, video, multi-image and thinking answers stay text-only: long lists of objects or reasoning
 chains would dominate the talker's training time on 2 CPU cores without teaching it anything new.
 
@@ -24,7 +25,7 @@ from model.codec import MelCodec
 ASSISTANT_VOICES = {"ava": {"voice": "en-us", "speed": 165, "pitch": 50},
                     "max": {"voice": "en+m3", "speed": 155, "pitch": 35}}
 DEFAULT_VOICE = "ava"
-SPOKEN_TASKS = {"color", "shape", "count", "position", "audio_qa", "asr"}
+SPOKEN_TASKS = {"color", "shape", "count", "position", "audio_qa", "asr", "read_aloud"}
 SECOND_VOICE_PERCENT = 30  # share of spoken answers in the second voice
 
 

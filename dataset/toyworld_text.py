@@ -182,6 +182,7 @@ PROMPTS = {
         "multi_image": ["What is different between the two images?",
                         "What changed from the first image to the second?"],
         "appear": ["What appeared in the video?", "What shape appears in the video?"],
+        "read_aloud": ["Say: {}", "Repeat after me: {}", "Read this aloud: {}"],
     },
     "zh": {
         "caption": ["描述这张图片。", "图片里有什么？", "列出图中的所有形状。"],

@@ -163,8 +163,8 @@ def test_speak_flag_adds_speech_targets_that_become_talker_batches(spoken_world)
     model, processor = model_for(spoken_world)
     dataset = OmniDataset(str(spoken_world / "sft.jsonl"), processor.tokenizer, model.config, codec=model.codec)
     spoken = [i for i, (_, s) in enumerate(dataset.records) if "speech" in s["conversations"][-1]]
-    assert spoken and all(dataset.records[i][1]["task"] in {"color", "shape", "count", "position", "audio_qa", "asr"}
-                          for i in spoken)
+    assert spoken and all(dataset.records[i][1]["task"] in {"color", "shape", "count", "position", "audio_qa", "asr",
+                                                            "read_aloud"} for i in spoken)
     item = dataset[spoken[0]]
     answer = dataset.records[spoken[0]][1]["conversations"][-1]["content"]
     assert processor.tokenizer.decode(item["input_ids"][item["speech_text_mask"]]) == answer
@@ -173,6 +173,22 @@ def test_speak_flag_adds_speech_targets_that_become_talker_batches(spoken_world)
                     processor.tokenizer.pad_token_id)
     assert batch["speech_lens"].tolist() == [item["speech_codes"].shape[1], 0]
     assert model(**batch)["speech_loss"] > 0
+
+
+def test_read_aloud_phrases_are_spoken_training_data_without_held_out_combinations(spoken_world):
+    from dataset import toyworld_text as T
+    from dataset.build_toyworld import READ_ALOUD
+    splits = {split: [json.loads(line) for line in open(spoken_world / f"{split}.jsonl")]
+              for split in ("pretrain", "sft", "test")}
+    phrases = [s for s in splits["sft"] if s["task"] == "read_aloud"]
+    assert len(phrases) == READ_ALOUD["small"]
+    assert not any(s["task"] == "read_aloud" for split in ("pretrain", "test") for s in splits[split])
+    for s in phrases:
+        question, reply = s["conversations"]
+        words = s["meta"]["text"].split()
+        assert question["content"].endswith(s["meta"]["text"]) and reply["content"] == T.answer("en", s["meta"]["text"])
+        assert reply["speech"] and (spoken_world / reply["speech"]).exists()
+        assert not any(T.held_out(" ".join(pair)) for pair in zip(words, words[1:]))
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """The browser demo on a tiny random checkpoint: gradio_client drives the running app, headless Chromium opens it.
 
 Answers are gibberish (random weights); these tests check the plumbing: uploads reach the model, answers stream
-back, bad input becomes a message in the chat and the app keeps serving.
+back (spoken too: the checkpoint has a random talker and a codec fitted on a tone), bad input becomes a message in
+the chat and the app keeps serving.
 """
 import json
 import os
@@ -14,14 +15,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from dataset.tokenizer import train_tokenizer
+from model.codec import MelCodec
 from model.model_omni import OmniConfig, OmniModel
+from model.talker import TalkerConfig
 
 gradio_client = pytest.importorskip("gradio_client")
 import web_demo  # noqa: E402  (imports gradio, so only once gradio_client is known to be installed)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "artifacts")
-SETTINGS = (False, 0.0, 1.0, 8)  # thinking, temperature, top_p, max_new_tokens
+SETTINGS = (False, 0.0, 1.0, 8, False, "ava")  # thinking, temperature, top_p, max_new_tokens, speak, voice
 
 
 def free_port() -> int:
@@ -60,11 +63,16 @@ def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("web_demo")
     jsonl = write_data(root)
     tok = train_tokenizer([jsonl], str(root / "tok"), vocab_size=300)
+    tone = torch.from_numpy(soundfile.read(root / "data" / "question.wav", dtype="float32")[0])
+    codec = MelCodec(n_codebooks=2, vocab_size=8).fit([tone])
     cfg = OmniConfig.preset("tiny")
     cfg.llm.vocab_size = len(tok)
+    cfg.talker = TalkerConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=32, n_codebooks=2, vocab_size=8, max_frames=12)
     cfg.set_token_ids(tok)
     torch.manual_seed(0)
     model = OmniModel(cfg)
+    model.codec = codec
     with torch.no_grad():  # zero stop-token rows of the tied head: random weights must not end an answer at once
         for token in ("<|im_end|>", "<|endoftext|>"):
             model.llm.get_input_embeddings().weight[tok.convert_tokens_to_ids(token)] = 0
@@ -95,7 +103,7 @@ def prompts(monkeypatch):
 def ask(client, text, *files):
     """One turn through the /chat endpoint -> the chat's last message."""
     box = {"text": text, "files": [gradio_client.handle_file(str(f)) for f in files]}
-    chat, _ = client.predict(box, *SETTINGS, api_name="/chat")
+    chat, _, _ = client.predict(box, *SETTINGS, api_name="/chat")
     return chat[-1]
 
 
@@ -122,10 +130,26 @@ def test_image_audio_and_video_questions_get_answers(app, prompts):
         "<image>\nWhat color is the circle?", "<audio>", "<video>\nWhich way is it moving?", "And the first picture?"]
     assert [m["role"] for m in messages] == ["user", "assistant"] * 3 + ["user"]
     assert (images, audios, videos) == (["circle.png"], ["question.wav"], ["clip.gif"])
-    chat, _ = client.predict(api_name="/clear")
+    chat, _, _ = client.predict(api_name="/clear")
     assert chat == []
     assert_answer(ask(client, "Hello?"))
     assert prompts[-1] == ([{"role": "user", "content": "Hello?"}], [], [], [])
+
+
+def test_spoken_answer_comes_with_the_text(app, prompts):
+    url, data = app
+    client = gradio_client.Client(url, verbose=False)
+    box = {"text": "What color is the circle?", "files": [gradio_client.handle_file(str(data / "circle.png"))]}
+    chat, _, speech = client.predict(box, *SETTINGS[:4], True, "max", api_name="/chat")
+    assert_answer(chat[-1])
+    wav, rate = soundfile.read(speech)
+    assert rate == 16000 and len(wav) > 0 and np.abs(wav).max() > 0
+    chat, _, speech = client.predict(box, *SETTINGS, api_name="/chat")  # speak off: text only
+    assert_answer(chat[-1])
+    assert speech is None
+    chat, _, speech = client.predict(box, *SETTINGS[:4], True, "nobody", api_name="/chat")
+    assert_notice(chat[-1], "Unknown voice", "ava, max")
+    assert speech is None
 
 
 def test_bad_input_is_a_message_and_the_app_keeps_serving(app, prompts, tmp_path):
