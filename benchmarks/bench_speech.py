@@ -13,7 +13,11 @@ talker never trained on them; transcripts can be unseen word combinations) three
   2. codec round trip: decode(encode(ground truth));
   3. talker: the talker speaking the reference answer from the checkpoint's LLM states (teacher-forced text, so
      the LLM's own mistakes do not count here), greedy, decoded by the same codec.
-and streams a few answers through OmniModel.chat(speak=True, stream=True): first-audio latency (prompt in ->
+and, as in real use, OmniModel.chat(speak=True) on every held-out prompt with a spoken answer: the talker speaking
+what the LLM itself wrote, judged against that text ("own_answers"). The two differ: when the reference text is
+forced through an LLM that would have written something else, its hidden state at a word predicts the LLM's next
+word, not the reference's, and a talker that learned to read ahead from the states says the LLM's word. It also
+streams a few answers through OmniModel.chat(speak=True, stream=True): first-audio latency (prompt in ->
 first audio chunk out) and real-time factor (wall time / seconds of audio; below 1 = faster than real time).
 """
 import argparse
@@ -153,17 +157,27 @@ def talker_speech(model: OmniModel, processor, data: str) -> dict[str, torch.Ten
     return spoken
 
 
+def spoken_prompts(data: str) -> list[tuple[list[dict], list[str], list[str], list[str]]]:
+    """(messages, images, audios, videos) of every held-out sample whose answer is spoken."""
+    with open(os.path.join(data, "test.jsonl"), encoding="utf-8") as f:
+        samples = [s for s in map(json.loads, f) if "speech" in s["conversations"][-1]]
+    return [([{"role": "user", "content": s["conversations"][0]["content"]}],
+             *([os.path.join(data, p) for p in s.get(k) or []] for k in ("images", "audios", "videos")))
+            for s in samples]
+
+
+@torch.no_grad()
+def own_answers(model: OmniModel, processor, data: str) -> list[tuple[str, torch.Tensor]]:
+    """(text, waveform) of chat(speak=True), greedy, on every held-out prompt with a spoken answer."""
+    return [model.chat(processor, *prompt, speak=True, max_new_tokens=32) for prompt in spoken_prompts(data)]
+
+
 def streaming(model: OmniModel, processor, data: str, n: int) -> dict:
     """First-audio latency and real-time factor of chat(speak=True, stream=True) over n held-out prompts."""
     latencies, walls, seconds = [], [], []
-    with open(os.path.join(data, "test.jsonl"), encoding="utf-8") as f:
-        samples = [s for s in map(json.loads, f) if "speech" in s["conversations"][-1]][:n]
-    for s in samples:
-        question = s["conversations"][0]["content"]
-        media = {k: [os.path.join(data, p) for p in s.get(k) or []] for k in ("images", "audios", "videos")}
+    for prompt in spoken_prompts(data)[:n]:
         t0, first, audio = time.perf_counter(), None, 0
-        for _, chunk in model.chat(processor, [{"role": "user", "content": question}], media["images"],
-                                   media["audios"], media["videos"], speak=True, stream=True, max_new_tokens=32):
+        for _, chunk in model.chat(processor, *prompt, speak=True, stream=True, max_new_tokens=32):
             if len(chunk) and first is None:
                 first = time.perf_counter() - t0
             audio += len(chunk)
@@ -194,6 +208,12 @@ def measure(args):
         row["talker_over_round_trip"] = row["cer_talker"] / max(row["cer_codec_round_trip"], 1e-9)
         results[subset] = row
     results["talker_seconds"] = talker_seconds
+    said = [(clean(text), wav) for text, wav in own_answers(model, processor, args.data)]
+    kept = [(text, wav) for text, wav in said if text]
+    results["own_answers"] = {"n_answers": len(said), "n_empty": len(said) - len(kept),
+                              "n_distinct_texts": len({t for t, _ in kept}),
+                              "n_texts_not_in_training": len({t for t, _ in kept} - trained_texts),
+                              "cer_talker": cer(judge, [w for _, w in kept], [t for t, _ in kept])}
     results["streaming"] = streaming(model, processor, args.data, args.stream_n)
     results["threads"] = torch.get_num_threads()
     print(json.dumps(results, indent=2))

@@ -54,9 +54,9 @@ fi
 if [ "${SPEAK:-0}" = 1 ]; then  # speech output: ToyWorld with spoken answers + codec, a talker on the frozen SFT LLM
   SPEECH_DATA=${SPEECH_DATA:-${DATA}_speak}
   [ -f "$SPEECH_DATA/codec/codec.json" ] || run speak_data python dataset/build_toyworld.py --out "$SPEECH_DATA" --speak
-  run talker python train_sft_omni.py --init "$OUT/sft" --train talker --speech_weight 1 --epochs 12 \
-    --data "$SPEECH_DATA/pretrain.jsonl" "$SPEECH_DATA/sft.jsonl" --tasks color,shape,count,position,audio_qa,asr \
-    --out "$OUT/talker" "${COMMON[@]}"
+  run talker python train_sft_omni.py --init "$OUT/sft" --train talker --speech_weight 1 --epochs 8 \
+    --data "$SPEECH_DATA/pretrain.jsonl" "$SPEECH_DATA/sft.jsonl" \
+    --tasks color,shape,count,position,audio_qa,asr,read_aloud --out "$OUT/talker" "${COMMON[@]}"
   [ -f "$OUT/speech_judge/judge.pt" ] || run judge python benchmarks/bench_speech.py judge --data "$SPEECH_DATA" \
     --out "$OUT/speech_judge"
   run bench_speech python benchmarks/bench_speech.py measure --data "$SPEECH_DATA" --judge "$OUT/speech_judge" \

@@ -213,12 +213,15 @@ def test_browser_finds_controls_and_answers_an_example(app, tmp_path):
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 30)
-        for css in ("#chat", "#input textarea", "#input input[type=file]", "#send", "#clear", "#thinking"):
+        for css in ("#chat", "#input textarea", "#input input[type=file]", "#send", "#clear", "#thinking",
+                    "#speak input", "#voice"):
             wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
         example = wait.until(EC.element_to_be_clickable((By.XPATH, "//button[contains(., 'color: What color')]")))
-        example.click()  # fills the input and asks: the answer streams into the chat
+        example.click()  # fills the input and asks: the answer streams into the chat, then it is spoken
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#chat .bot.message")
                    and d.find_elements(By.CSS_SELECTOR, "#chat .bot.message")[-1].text.strip())
+        # the spoken answer arrives last; waiting for it also keeps the app from closing mid-generation
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#speech [data-testid=download-link]")))
         os.makedirs(ARTIFACTS, exist_ok=True)
         shot = os.path.join(ARTIFACTS, "web_demo.png")
         driver.save_screenshot(shot)
