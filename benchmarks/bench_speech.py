@@ -14,10 +14,8 @@ talker never trained on them; transcripts can be unseen word combinations) three
   3. talker: the talker speaking the reference answer from the checkpoint's LLM states (teacher-forced text, so
      the LLM's own mistakes do not count here), greedy, decoded by the same codec.
 and, as in real use, OmniModel.chat(speak=True) on every held-out prompt with a spoken answer: the talker speaking
-what the LLM itself wrote, judged against that text ("own_answers"). The two differ: when the reference text is
-forced through an LLM that would have written something else, its hidden state at a word predicts the LLM's next
-word, not the reference's, and a talker that learned to read ahead from the states says the LLM's word. It also
-streams a few answers through OmniModel.chat(speak=True, stream=True): first-audio latency (prompt in ->
+what the LLM itself wrote, judged against that text ("own_answers": mostly short answers the talker has said
+many times, so this is the easier of the two). It also streams a few answers through OmniModel.chat(speak=True, stream=True): first-audio latency (prompt in ->
 first audio chunk out) and real-time factor (wall time / seconds of audio; below 1 = faster than real time).
 """
 import argparse
