@@ -13,10 +13,12 @@ talker never trained on them; transcripts can be unseen word combinations) three
   2. codec round trip: decode(encode(ground truth));
   3. talker: the talker speaking the reference answer from the checkpoint's LLM states (teacher-forced text, so
      the LLM's own mistakes do not count here), greedy, decoded by the same codec.
-and, as in real use, OmniModel.chat(speak=True) on every held-out prompt with a spoken answer: the talker speaking
-what the LLM itself wrote, judged against that text ("own_answers": mostly short answers the talker has said
-many times, so this is the easier of the two). It also streams a few answers through OmniModel.chat(speak=True, stream=True): first-audio latency (prompt in ->
-first audio chunk out) and real-time factor (wall time / seconds of audio; below 1 = faster than real time).
+The same talker row on 60 two-word answers of the TRAINING split ("train_two_word_texts") separates not knowing a
+word from not following the text while speaking freely. And, as in real use, OmniModel.chat(speak=True) on every
+held-out prompt with a spoken answer: the talker speaking what the LLM itself wrote, judged against that text
+("own_answers": mostly short answers the talker has said many times, so the easier measure). It also streams a
+few answers through OmniModel.chat(speak=True, stream=True): first-audio latency (prompt in -> first audio chunk
+out) and real-time factor (wall time / seconds of audio; below 1 = faster than real time).
 """
 import argparse
 import json
@@ -134,15 +136,18 @@ def cer(judge: Judge, wavs: list[torch.Tensor], refs: list[str], batch: int = 32
 
 
 @torch.no_grad()
-def talker_speech(model: OmniModel, processor, data: str) -> dict[str, torch.Tensor]:
-    """{wav path: the talker speaking that held-out reference answer} (teacher-forced through the LLM), one
-    sample per distinct spoken answer."""
-    dataset = OmniDataset(os.path.join(data, "test.jsonl"), processor.tokenizer, model.config, codec=model.codec)
+def talker_speech(model: OmniModel, processor, data: str, split: str = "test", keep=lambda sample: True,
+                  limit: int | None = None) -> dict[str, torch.Tensor]:
+    """{wav path: the talker speaking that reference answer} (teacher-forced through the LLM), one sample per
+    distinct spoken answer of the split (those `keep` accepts, at most `limit`)."""
+    dataset = OmniDataset(os.path.join(data, f"{split}.jsonl"), processor.tokenizer, model.config, codec=model.codec)
     spoken = {}
     for index, (_, sample) in enumerate(dataset.records):
         answer = sample["conversations"][-1]
-        if "speech" not in answer or os.path.join(data, answer["speech"]) in spoken:
+        if "speech" not in answer or os.path.join(data, answer["speech"]) in spoken or not keep(sample):
             continue
+        if len(spoken) == limit:
+            break
         batch = collate([dataset[index]], processor.tokenizer.pad_token_id)
         media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")
                  and not k.startswith("speech_")}
@@ -206,6 +211,11 @@ def measure(args):
         row["talker_over_round_trip"] = row["cer_talker"] / max(row["cer_codec_round_trip"], 1e-9)
         results[subset] = row
     results["talker_seconds"] = talker_seconds
+    two_words = talker_speech(model, processor, args.data, "sft", limit=60, keep=lambda s: s["task"] in (
+        "read_aloud", "asr") and len(s["conversations"][-1]["content"].split()) == 2)   # texts it trained on
+    refs = [dict(judge_items(args.data, "sft"))[p] for p in two_words]
+    results["train_two_word_texts"] = {"n_clips": len(two_words), "cer_ground_truth": cer(judge, [read(p) for p in
+                                       two_words], refs), "cer_talker": cer(judge, list(two_words.values()), refs)}
     said = [(clean(text), wav) for text, wav in own_answers(model, processor, args.data)]
     kept = [(text, wav) for text, wav in said if text]
     results["own_answers"] = {"n_answers": len(said), "n_empty": len(said) - len(kept),
