@@ -197,7 +197,8 @@ def measure(args):
     judge = Judge.load(args.judge)
     model = OmniModel.from_pretrained(args.ckpt).eval()
     processor = OmniProcessor.from_pretrained(args.ckpt, model.config)
-    trained_texts = {t for split in ("pretrain", "sft") for _, t in judge_items(args.data, split)}
+    trained = {split: dict(judge_items(args.data, split)) for split in ("pretrain", "sft")}   # {wav path: text}
+    trained_texts = {t for items in trained.values() for t in items.values()}
     t0 = time.time()
     spoken = talker_speech(model, processor, args.data)
     talker_seconds = time.time() - t0
@@ -213,7 +214,7 @@ def measure(args):
     results["talker_seconds"] = talker_seconds
     two_words = talker_speech(model, processor, args.data, "sft", limit=60, keep=lambda s: s["task"] in (
         "read_aloud", "asr") and len(s["conversations"][-1]["content"].split()) == 2)   # texts it trained on
-    refs = [dict(judge_items(args.data, "sft"))[p] for p in two_words]
+    refs = [trained["sft"][p] for p in two_words]
     results["train_two_word_texts"] = {"n_clips": len(two_words), "cer_ground_truth": cer(judge, [read(p) for p in
                                        two_words], refs), "cer_talker": cer(judge, list(two_words.values()), refs)}
     said = [(clean(text), wav) for text, wav in own_answers(model, processor, args.data)]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from dataset import build_toyworld as B
 from dataset import toyworld_text as T
 from dataset.chat import tokenize_conversation
+from dataset.omni_dataset import collate
 from dataset.tokenizer import load_tokenizer
 from model.model_llm import LLMConfig, Qwen3ForCausalLM
 from model.model_omni import IMAGE_END, IMAGE_PAD, IMAGE_START
@@ -37,32 +38,28 @@ def cell_words(scene: dict) -> list[list[str]]:
     return words
 
 
-def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer):
-    """-> input_ids Long[n, T], labels Long[n, T], attention_mask Long[n, T], cell word ids (n x 9 lists)."""
+def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer) -> tuple[dict, list[list[list[int]]]]:
+    """-> (collated batch: input_ids / attention_mask / labels [n, T], cell word ids: n x 9 lists)."""
     expansion = {"image": [IMAGE_START + IMAGE_PAD * CELLS + IMAGE_END]}
     rows, cells = [], []
     for i in range(n):
         scene, question, answer, _ = B.ASK[tasks[i % len(tasks)]](rng, "en")
         sample = {"conversations": [{"role": "user", "content": "<image>\n" + question},
                                     {"role": "assistant", "content": answer}]}
-        rows.append(tokenize_conversation(sample, tokenizer, expansion))
+        input_ids, labels = tokenize_conversation(sample, tokenizer, expansion)
+        rows.append({"input_ids": input_ids, "labels": labels})
         cells.append([tokenizer(" " + " ".join(w), add_special_tokens=False)["input_ids"] for w in cell_words(scene)])
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((n, length), tokenizer.pad_token_id)
-    labels = torch.full((n, length), -100)
-    mask = torch.zeros(n, length, dtype=torch.long)
-    for b, (ids, lab) in enumerate(rows):
-        input_ids[b, :len(ids)], labels[b, :len(lab)], mask[b, :len(ids)] = ids, lab, 1
-    return input_ids, labels, mask, cells
+    return collate(rows, tokenizer.pad_token_id), cells
 
 
-def loss_and_exact(llm, pad_id: int, input_ids, labels, mask, cells) -> tuple[torch.Tensor, float]:
+def loss_and_exact(llm, pad_id: int, batch: dict, cells) -> tuple[torch.Tensor, float]:
     embed = llm.get_input_embeddings()
+    input_ids = batch["input_ids"]
     x = embed(input_ids)                                                       # [B, T, D]
     for b, words in enumerate(cells):                                          # one fused vector per cell
         x[b, input_ids[b] == pad_id] = torch.stack([embed(torch.tensor(w)).sum(0) for w in words])
-    logits = llm(inputs_embeds=x, attention_mask=mask).logits[:, :-1]          # [B, T-1, V]
-    target = labels[:, 1:]
+    logits = llm(inputs_embeds=x, attention_mask=batch["attention_mask"]).logits[:, :-1]  # [B, T-1, V]
+    target = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
     exact = ((logits.argmax(-1) == target) | (target == -100)).all(1).float().mean().item()
     return loss, exact
