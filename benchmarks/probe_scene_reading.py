@@ -9,6 +9,13 @@ of the whole answer under teacher forcing, which equals greedy decoding's exact 
 
     python benchmarks/probe_scene_reading.py --tokenizer data/toyworld/tokenizer --steps 1000
     python benchmarks/probe_scene_reading.py --tokenizer data/toyworld/tokenizer --hidden 128 --layers 2 --lr 3e-3
+    python benchmarks/probe_scene_reading.py --tokenizer data/toyworld/tokenizer --hidden 128 --layers 2 --lr 3e-3 \
+        --restate color,shape        # 'The star is red.' instead of 'Red.'
+
+--restate TASKS: the answers of those tasks first name what was asked about ("The star is red.", "The green object
+is a star.", "The blue triangle is at the top left."), so the object is looked up right after the answer has named
+it instead of from the question several tokens back. Only questions that name an object change (colour by shape,
+shape by colour, position); by-cell questions and counts keep their one-word answers.
 """
 import argparse
 import math
@@ -38,12 +45,27 @@ def cell_words(scene: dict) -> list[list[str]]:
     return words
 
 
-def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer) -> tuple[dict, list[list[list[int]]]]:
+def restated(task: str, answer: str, query: dict) -> str:
+    """'Red.' -> 'The star is red.' for a question that named its object (see --restate)."""
+    word = answer.rstrip(".").lower()
+    if task == "color" and "shape" in query:
+        return f"The {query['shape']} is {word}."
+    if task == "shape" and "color" in query:
+        return f"The {query['color']} object is a {word}."
+    if task == "position":
+        return f"The {query['color']} {query['shape']} is at the {word}."
+    return answer
+
+
+def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=()) -> tuple[dict, list]:
     """-> (collated batch: input_ids / attention_mask / labels [n, T], cell word ids: n x 9 lists)."""
     expansion = {"image": [IMAGE_START + IMAGE_PAD * CELLS + IMAGE_END]}
     rows, cells = [], []
     for i in range(n):
-        scene, question, answer, _ = B.ASK[tasks[i % len(tasks)]](rng, "en")
+        task = tasks[i % len(tasks)]
+        scene, question, answer, extra = B.ASK[task](rng, "en")
+        if task in restate:
+            answer = restated(task, answer, extra["query"])
         sample = {"conversations": [{"role": "user", "content": "<image>\n" + question},
                                     {"role": "assistant", "content": answer}]}
         input_ids, labels = tokenize_conversation(sample, tokenizer, expansion)
@@ -75,7 +97,11 @@ def main():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restate", default="", help="comma-separated tasks whose answers name the object first")
     args = p.parse_args()
+    restate = [t for t in args.restate.split(",") if t]
+    if not set(restate) <= {"color", "shape", "position"}:
+        p.error(f"--restate takes color, shape, position; got {args.restate!r}")
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     llm = Qwen3ForCausalLM(LLMConfig(
@@ -85,13 +111,13 @@ def main():
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     opt = torch.optim.AdamW(llm.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     train_rng, eval_rng = random.Random(args.seed), random.Random(args.seed + 123)
-    held_out = {task: make_batch(eval_rng, 200, [task], tokenizer) for task in TASKS}
+    held_out = {task: make_batch(eval_rng, 200, [task], tokenizer, restate) for task in TASKS}
     t0 = time.time()
     for step in range(1, args.steps + 1):
         warm, cosine = min(1.0, step / 50), 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * (0.1 + 0.9 * cosine)
-        loss, _ = loss_and_exact(llm, pad_id, *make_batch(train_rng, args.batch_size, TASKS, tokenizer))
+        loss, _ = loss_and_exact(llm, pad_id, *make_batch(train_rng, args.batch_size, TASKS, tokenizer, restate))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
