@@ -42,7 +42,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = build_model(args)
-    codec = attach_talker(model, args) if args.speech_weight else None
+    codec = attach_talker(model, args, tokenizer) if args.speech_weight else None
     set_trainable(model, args.train.split(",") + (["talker"] if codec else []), args.lora_rank, args.lora_alpha)
     data = omni_data(args, model.config, tokenizer, codec)
     lora = f" (LLM through LoRA r={args.lora_rank})" if args.lora_rank else ""
@@ -51,11 +51,12 @@ def main(argv=None):
     finish_stage(model, tokenizer, args)
 
 
-def attach_talker(model, args) -> MelCodec:
-    """Load the data's codec; give the model a talker sized for it unless it already has one."""
+def attach_talker(model, args, tokenizer) -> MelCodec:
+    """Load the data's codec; give the model a talker sized for it unless it already has one; let it spell."""
     codec = MelCodec.load(args.codec or os.path.join(os.path.dirname(args.data[0]), "codec"))
     if model.talker is None:
         model.add_talker(TalkerConfig(n_codebooks=codec.n_codebooks, vocab_size=codec.vocab_size))
+    model.talker.set_spelling(tokenizer)
     model.codec, model.speech_weight = codec, args.speech_weight
     return codec
 

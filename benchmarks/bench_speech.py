@@ -154,8 +154,9 @@ def talker_speech(model: OmniModel, processor, data: str, split: str = "test", k
         embeds = model.embed_inputs(batch["input_ids"], MediaInputs(**media))
         hidden = model.llm(inputs_embeds=embeds, logits_at="none").hidden_states[0]          # [T, D]
         mask = batch["speech_text_mask"][0]
-        text_embeds = model.llm.get_input_embeddings()(batch["input_ids"][0][mask])
-        codes = model.talker.generate(text_embeds, hidden[mask], int(batch["speech_voices"][0]))
+        ids = batch["input_ids"][0][mask]
+        codes = model.talker.generate(ids, model.llm.get_input_embeddings()(ids), hidden[mask],
+                                      int(batch["speech_voices"][0]))
         spoken[os.path.join(data, answer["speech"])] = model.codec.decode(codes)
     return spoken
 

@@ -268,14 +268,15 @@ class OmniModel(nn.Module):
         self.resampler = Resampler(config.query_num, width, kv_dim=config.vision.hidden_size)
         self.audio_tower = WhisperEncoder(config.audio)
         self.audio_projector = AudioProjector(config.audio.d_model, width, config.audio_pool_step)
-        self.talker = Talker(config.talker, width) if config.talker else None
+        self.talker = Talker(config.talker, width, config.llm.vocab_size) if config.talker else None
         self.codec = None          # the talker's codec (model/codec.py); loaded with the checkpoint when saved in it
         self.speech_weight = 1.0   # loss = text loss + speech_weight * talker loss (train_sft_omni.py --speech_weight)
 
     def add_talker(self, config: TalkerConfig) -> "OmniModel":
         """Give a text-only model a freshly initialised talker (its config is saved with the checkpoint)."""
         self.config.talker = config
-        self.talker = Talker(config, self.config.llm.hidden_size).to(next(self.parameters()).device)
+        self.talker = Talker(config, self.config.llm.hidden_size, self.config.llm.vocab_size)
+        self.talker.to(next(self.parameters()).device)
         return self
 
     # ---- media encoders: each returns embeddings in LLM width, in prompt order
@@ -356,13 +357,15 @@ class OmniModel(nn.Module):
     def speech_loss(self, input_ids, hidden, speech_codes, speech_lens, speech_voices, speech_text_mask):
         """The talker's loss on the rows with a speech target: speech_codes Long[B, K, F] (speech_lens Long[B],
         0 = no target), speech_voices Long[B], speech_text_mask Bool[B, T] = the answer tokens it speaks. Each answer
-        token gives the talker its input embedding and its last hidden state; a frozen LLM's states are detached."""
+        token gives the talker its id (spelling), input embedding and last hidden state; a frozen LLM's states are
+        detached."""
         if not any(p.requires_grad for p in self.llm.parameters()):
             hidden = hidden.detach()
         embeds = self.llm.get_input_embeddings()(input_ids)          # [B, T, D]
         rows = torch.nonzero(speech_lens > 0).flatten().tolist()
         masks = [speech_text_mask[b] for b in rows]
-        return self.talker([embeds[b][m] for b, m in zip(rows, masks)], [hidden[b][m] for b, m in zip(rows, masks)],
+        return self.talker([input_ids[b][m] for b, m in zip(rows, masks)], [embeds[b][m] for b, m in zip(rows, masks)],
+                           [hidden[b][m] for b, m in zip(rows, masks)],
                            [speech_codes[b, :, :speech_lens[b]] for b in rows], speech_voices[rows])
 
     # ---- generation
@@ -548,7 +551,7 @@ class OmniModel(nn.Module):
                 if previous in stop_ids or count == max_tokens:
                     return
 
-        def chunks():                                               # (input embeddings [n, D], hidden [n, D])
+        def chunks():                                               # (ids [n], input embeddings [n, D], hidden [n, D])
             buffer = []
             for token, hidden in tokens():
                 answer.append(token)
@@ -570,9 +573,9 @@ class OmniModel(nn.Module):
         if len(text) > len(shown):
             yield text[len(shown):], torch.zeros(talker.n_codebooks, 0, dtype=torch.long)
 
-    def _talker_chunk(self, tokens: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _talker_chunk(self, tokens: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         ids = torch.tensor([t for t, _ in tokens], device=tokens[0][1].device)
-        return self.llm.get_input_embeddings()(ids), torch.stack([h for _, h in tokens])
+        return ids, self.llm.get_input_embeddings()(ids), torch.stack([h for _, h in tokens])
 
     @staticmethod
     def _decode_stream(steps, tokenizer, stop_ids: set[int]):

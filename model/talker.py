@@ -1,9 +1,11 @@
 """The talker: a small causal transformer that speaks the LLM's answer as codec codes (MiniCPM-o's speech decoder).
 
 What it reads. One item per answer token: that token's text embedding (the LLM's input embedding, projected to the
-talker's width) + L2-normalised MLP(the LLM's last hidden state of that token). The text embedding says WHAT to
-say; the hidden state carries the context the LLM had when it wrote it. The L2 norm keeps the hidden-state term
-on a fixed scale whatever the LLM's width or training stage.
+talker's width) + L2-normalised MLP(the LLM's last hidden state of that token) + its L2-normalised SPELLING (the
+sum of an embedding per UTF-8 byte of the token's text at its place in the token). The text embedding says WHAT to
+say; the spelling says how it is written, which carries over between words (letters sound alike from word to word,
+while a whole-word token is only ever heard in the few clips that say it); the hidden state carries the context
+the LLM had when it wrote it. The L2 norms keep those terms on a fixed scale whatever the LLM's width or stage.
 
 What it writes. Codec frames of `n_codebooks` codes each, with a DELAY pattern: codebook k is shifted k steps
 later, so one step predicts codebook 0 of frame f together with codebook 1 of frame f-1, ..., and the finer
@@ -54,6 +56,7 @@ class TalkerConfig:
     text_chunk: int = 4              # answer tokens per interleaved text chunk
     speech_chunk: int = 12           # delayed-grid steps per interleaved speech chunk (0.48 s at 25 frames/s)
     max_frames: int = 500            # 20 s at 25 frames/s: generation is cut (STOP forced) here
+    spelling_bytes: int = 16         # bytes of each token's text the talker reads (longer tokens are cut)
 
     def decoder_config(self) -> LLMConfig:
         """The Qwen3 block shapes the talker reuses."""
@@ -87,13 +90,18 @@ def interleave_order(n_text: int, n_steps: int, text_chunk: int, speech_chunk: i
 
 # ----------------------------------------------------------------------------- the talker
 class Talker(nn.Module):
-    def __init__(self, config: TalkerConfig, llm_width: int):
+    def __init__(self, config: TalkerConfig, llm_width: int, llm_vocab: int):
         super().__init__()
         self.config = config
         H, K = config.hidden_size, config.n_codebooks
         self.fill, self.stop = config.vocab_size, config.vocab_size + 1   # the two extra ids of every codebook
         self.text_proj = nn.Linear(llm_width, H) if llm_width != H else nn.Identity()
         self.hidden_mlp = nn.Sequential(nn.Linear(llm_width, H), nn.SiLU(), nn.Linear(H, H))
+        self.byte_embed = nn.Embedding(257, H, padding_idx=0)              # byte b -> row b + 1; 0 = no byte
+        self.byte_pos = nn.Embedding(config.spelling_bytes, H)
+        # Long-lived lookup, saved with the talker: row t = the bytes of token t's text (+1), 0-padded. set_spelling
+        # fills it from the tokenizer; all zeros = the spelling term is 0.
+        self.register_buffer("spelling", torch.zeros(llm_vocab, config.spelling_bytes, dtype=torch.uint8))
         self.voice_embed = nn.Embedding(len(config.voices), H)
         self.code_embeds = nn.ModuleList(nn.Embedding(config.vocab_size + 2, H) for _ in range(K))
         decoder = config.decoder_config()
@@ -101,10 +109,21 @@ class Talker(nn.Module):
         self.norm = RMSNorm(H, decoder.rms_norm_eps)
         self.heads = nn.ModuleList(nn.Linear(H, config.vocab_size + 2, bias=False) for _ in range(K))
 
+    def set_spelling(self, tokenizer) -> None:
+        """Fill the spelling table: every token's decoded text as UTF-8 bytes, cut to spelling_bytes."""
+        table = torch.zeros_like(self.spelling)
+        for token in range(min(len(tokenizer), len(table))):
+            spelled = tokenizer.decode([token]).encode("utf-8")[:table.shape[1]]
+            table[token, :len(spelled)] = torch.tensor(list(spelled), dtype=torch.uint8) + 1
+        self.spelling.copy_(table)
+
     # ---- items
-    def text_items(self, text_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, D_llm] input embeddings + [N, D_llm] last hidden states -> [N, H]."""
-        return self.text_proj(text_embeds) + F.normalize(self.hidden_mlp(hidden), dim=-1)
+    def text_items(self, ids: torch.Tensor, text_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Long[N] answer tokens, [N, D_llm] their input embeddings, [N, D_llm] last hidden states -> [N, H]."""
+        spelled = self.spelling[ids].long()                                        # [N, S] byte + 1, 0 = none
+        letters = (self.byte_embed(spelled) + self.byte_pos.weight) * (spelled > 0).unsqueeze(-1)  # [N, S, H]
+        return (self.text_proj(text_embeds) + F.normalize(self.hidden_mlp(hidden), dim=-1)
+                + F.normalize(letters.sum(1), dim=-1))
 
     def step_items(self, columns: torch.Tensor) -> torch.Tensor:
         """Long[L, K] grid columns -> [L, H]: the sum of each codebook's embedding."""
@@ -122,14 +141,14 @@ class Talker(nn.Module):
         return self.norm(x)
 
     # ---- training
-    def forward(self, text_embeds: list[torch.Tensor], hidden: list[torch.Tensor], codes: list[torch.Tensor],
-                voices: torch.Tensor) -> torch.Tensor:
-        """Per answer: text_embeds/hidden [N_i, D_llm], codes Long[K, F_i]; voices Long[B].
+    def forward(self, ids: list[torch.Tensor], text_embeds: list[torch.Tensor], hidden: list[torch.Tensor],
+                codes: list[torch.Tensor], voices: torch.Tensor) -> torch.Tensor:
+        """Per answer: ids Long[N_i], text_embeds/hidden [N_i, D_llm], codes Long[K, F_i]; voices Long[B].
         -> mean over codebooks of the cross-entropy at every step that holds a code (or STOP)."""
         sequences, targets = [], []
-        for e, h, c, v in zip(text_embeds, hidden, codes, voices):
+        for t, e, h, c, v in zip(ids, text_embeds, hidden, codes, voices):
             grid = delay_grid(c, self.fill, self.stop).T                           # [L, K]
-            items = torch.cat([self.voice_embed(v)[None], self.text_items(e, h), self.step_items(grid)])
+            items = torch.cat([self.voice_embed(v)[None], self.text_items(t, e, h), self.step_items(grid)])
             target = torch.cat([grid.new_full((1 + len(e), grid.shape[1]), IGNORE),
                                 grid.masked_fill(grid == self.fill, IGNORE)])      # [1 + N + L, K]
             order = interleave_order(len(e), len(grid), self.config.text_chunk, self.config.speech_chunk)
@@ -167,9 +186,9 @@ class Talker(nn.Module):
         return torch.tensor(column, device=logits.device)
 
     @torch.no_grad()
-    def stream(self, text_chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], voice: int = 0,
+    def stream(self, text_chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], voice: int = 0,
                temperature: float = 0.0, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Pulls (text_embeds [n, D_llm], hidden [n, D_llm]) chunks of <= text_chunk answer tokens lazily, and
+        """Pulls (ids Long[n], text_embeds [n, D_llm], hidden [n, D_llm]) chunks of <= text_chunk answer tokens lazily, and
         yields Long[K, f] code frames as they complete (f may be 0), one yield per speech chunk. Pulling lazily
         is what interleaves it with the LLM: the next text chunk is only asked for when the talker needs it."""
         K, m = self.config.n_codebooks, self.config.speech_chunk
@@ -203,9 +222,9 @@ class Talker(nn.Module):
         yield frames
         return max(done, emitted)
 
-    def generate(self, text_embeds: torch.Tensor, hidden: torch.Tensor, voice: int = 0, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """A whole answer at once: [N, D_llm], [N, D_llm] -> Long[K, F] frames (same chunked order as streaming)."""
+    def generate(self, ids: torch.Tensor, text_embeds: torch.Tensor, hidden: torch.Tensor, voice: int = 0,
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A whole answer at once: Long[N], [N, D_llm], [N, D_llm] -> Long[K, F] frames (streaming's chunk order)."""
         n = self.config.text_chunk
-        chunks = [(text_embeds[i:i + n], hidden[i:i + n]) for i in range(0, len(text_embeds), n)]
+        chunks = [(ids[i:i + n], text_embeds[i:i + n], hidden[i:i + n]) for i in range(0, len(ids), n)]
         return torch.cat(list(self.stream(chunks, voice, temperature, generator)), 1)

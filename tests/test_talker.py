@@ -26,29 +26,48 @@ def test_delay_grid_and_interleave_order():
     assert order.tolist() == [0, 1, 2, 6, 7, 8, 3, 4, 9, 5]
 
 
+VOCAB = 50
+
+
+class LetterTokenizer:
+    """Token t is spelled as the letters of t in base 26 ('a', 'b', ..., 'bx'): distinct spellings, shared letters."""
+
+    def __len__(self):
+        return VOCAB
+
+    def decode(self, ids):
+        t, text = ids[0], ""
+        while True:
+            text, t = chr(97 + t % 26) + text, t // 26
+            if not t:
+                return text
+
+
 def overfit_set(llm_width=32):
     g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, VOCAB, (n,), generator=g) for n in (3, 5)]
     texts = [torch.randn(n, llm_width, generator=g) for n in (3, 5)]
     hidden = [torch.randn(n, llm_width, generator=g) for n in (3, 5)]
     codes = [torch.randint(0, 16, (3, f), generator=g) for f in (4, 7)]
-    return texts, hidden, codes, torch.tensor([0, 1])
+    return ids, texts, hidden, codes, torch.tensor([0, 1])
 
 
 def test_loss_decreases_and_greedy_generation_stops_at_the_learned_length():
     torch.manual_seed(0)
-    talker = Talker(tiny_talker_config(), llm_width=32)
-    texts, hidden, codes, voices = overfit_set()
+    talker = Talker(tiny_talker_config(), llm_width=32, llm_vocab=VOCAB)
+    talker.set_spelling(LetterTokenizer())
+    ids, texts, hidden, codes, voices = overfit_set()
     opt = torch.optim.AdamW(talker.parameters(), lr=5e-3)
-    first = talker(texts, hidden, codes, voices).item()
+    first = talker(ids, texts, hidden, codes, voices).item()
     for _ in range(80):
-        loss = talker(texts, hidden, codes, voices)
+        loss = talker(ids, texts, hidden, codes, voices)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * first
     talker.eval()
-    for e, h, c, v in zip(texts, hidden, codes, voices):
-        assert torch.equal(talker.generate(e, h, int(v)), c)   # the right codes, ended by STOP at the right frame
+    for t, e, h, c, v in zip(ids, texts, hidden, codes, voices):
+        assert torch.equal(talker.generate(t, e, h, int(v)), c)   # the right codes, ended by STOP at the right frame
 
 
 class NeverStop(torch.nn.Module):
@@ -62,31 +81,44 @@ class NeverStop(torch.nn.Module):
         return self.head(x).index_fill(-1, torch.tensor([self.stop]), float("-inf"))
 
 
+def test_spelling_table_holds_each_tokens_bytes_and_tells_same_embeddings_apart():
+    talker = Talker(tiny_talker_config(spelling_bytes=2), llm_width=32, llm_vocab=VOCAB)
+    same = torch.randn(1, 32).expand(3, 32)                      # three tokens the LLM embeds (and states) alike
+    before = talker.text_items(torch.tensor([1, 2, 28]), same, same)
+    assert torch.equal(before[0], before[1])                     # empty table: the spelling term is 0
+    talker.set_spelling(LetterTokenizer())
+    assert talker.spelling[[1, 28, 49]].tolist() == [[99, 0], [99, 100], [99, 121]]  # 'b' 'bc' 'bx', +1
+    after = talker.text_items(torch.tensor([1, 2, 28]), same, same)
+    assert not torch.allclose(after[0], after[1]) and not torch.allclose(after[0], after[2])
+    assert torch.allclose(after.norm(dim=-1), after[:1].norm(dim=-1).expand(3), atol=1.5)  # one scale: unit terms
+
+
 def test_max_frames_cuts_an_untrained_talker():
     torch.manual_seed(0)
-    talker = Talker(tiny_talker_config(max_frames=5), llm_width=32).eval()
+    talker = Talker(tiny_talker_config(max_frames=5), llm_width=32, llm_vocab=VOCAB).eval()
     talker.heads[0] = NeverStop(talker.heads[0], talker.stop)
-    out = talker.generate(torch.randn(3, 32), torch.randn(3, 32))
+    out = talker.generate(torch.arange(3), torch.randn(3, 32), torch.randn(3, 32))
     assert out.shape == (3, 5) and int(out.max()) < 16
 
 
 def test_stream_pulls_text_lazily_and_concatenates_to_generate():
     torch.manual_seed(0)
-    talker = Talker(tiny_talker_config(max_frames=12), llm_width=32).eval()
-    text, hidden = torch.randn(7, 32), torch.randn(7, 32)
+    talker = Talker(tiny_talker_config(max_frames=12), llm_width=32, llm_vocab=VOCAB).eval()
+    talker.set_spelling(LetterTokenizer())
+    ids, text, hidden = torch.arange(7), torch.randn(7, 32), torch.randn(7, 32)
     pulled = []
 
     def chunks():
         for i in range(0, 7, 2):
             pulled.append(i)
-            yield text[i:i + 2], hidden[i:i + 2]
+            yield ids[i:i + 2], text[i:i + 2], hidden[i:i + 2]
 
     pieces, pulled_at_yield = [], []
     for frames in talker.stream(chunks(), voice=1):
         pieces.append(frames)
         pulled_at_yield.append(len(pulled))
     assert pulled_at_yield[0] == 1 and pulled_at_yield[-1] == 4     # speech starts after the first text chunk
-    assert torch.equal(torch.cat(pieces, 1), talker.generate(text, hidden, voice=1))
+    assert torch.equal(torch.cat(pieces, 1), talker.generate(ids, text, hidden, voice=1))
 
 
 # ----------------------------------------------------------------------------- inside OmniModel
@@ -207,5 +239,5 @@ def test_streamed_speech_equals_the_talker_on_the_whole_answer(spoken_world):
     answer = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     ids = torch.cat([batch["input_ids"][0], answer])
     hidden = model.llm(input_ids=ids[None], logits_at="none").hidden_states[0, -len(answer):]
-    whole = model.talker.generate(model.llm.get_input_embeddings()(answer), hidden, voice=1)
+    whole = model.talker.generate(answer, model.llm.get_input_embeddings()(answer), hidden, voice=1)
     assert torch.equal(frames, whole)
