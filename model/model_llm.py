@@ -133,18 +133,31 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
+    def project(self, x, cos, sin):  # x [B, T, H] -> q [B, nh, T, hd], k, v [B, nkv, T, hd]
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(self, x, cos, sin, mask, cache=None):  # x [B, T, H]
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, nh, T, hd]
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)     # [B, nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # [B, nkv, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                    # [B, nkv, S, hd], S = past + T
         rep = self.n_heads // self.n_kv                                  # query head h uses kv head h // rep
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, nh, S, hd]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, nh, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))       # [B, T, H]
+
+    def probabilities(self, x, cos, sin):  # x [B, T, H] -> [B, nh, T, T]
+        """The causal attention weights forward() uses (no cache): for losses that steer where a head looks."""
+        T = x.shape[1]
+        q, k, _ = self.project(x, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)       # [B, nh, T, hd]
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5      # [B, nh, T, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
 
 
 class MLP(nn.Module):

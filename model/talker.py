@@ -27,6 +27,11 @@ so the talker can start speaking after the first n answer tokens and never waits
 item before step s (a text item at a chunk boundary, else step s-1) predicts step s. m is chosen so the text
 stays ahead of the speech: m steps (0.48 s by default) are shorter than n tokens (4) take to say, so the
 talker always has the words it is saying (and a few after them) in view.
+
+Where it looks. Training adds a guided-attention loss (diagonal_penalty) on one layer: a step that is x% through
+the speech is steered to attend to the text x% through the answer (by letters). Big TTS models learn that
+alignment from data; a small talker on a few thousand clips tends to say the first word from the text and the
+next from memory (README, "Speech output", for what the loss changes and what it does not).
 """
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -57,6 +62,9 @@ class TalkerConfig:
     speech_chunk: int = 12           # delayed-grid steps per interleaved speech chunk (0.48 s at 25 frames/s)
     max_frames: int = 500            # 20 s at 25 frames/s: generation is cut (STOP forced) here
     spelling_bytes: int = 16         # bytes of each token's text the talker reads (longer tokens are cut)
+    guided_attention: float = 1.0    # weight of the diagonal-attention loss (0 = off); see diagonal_penalty
+    guided_layer: int = 1            # the layer whose heads it steers (the last one if the talker has fewer)
+    guided_width: float = 0.2        # how far (in fractions of the answer) a head may look off the diagonal
 
     def decoder_config(self) -> LLMConfig:
         """The Qwen3 block shapes the talker reuses."""
@@ -86,6 +94,24 @@ def interleave_order(n_text: int, n_steps: int, text_chunk: int, speech_chunk: i
         order += range(1 + n_text + j * speech_chunk, 1 + n_text + min((j + 1) * speech_chunk, n_steps))
         j += 1
     return torch.tensor(order)
+
+
+def diagonal_penalty(weights: torch.Tensor, text_at: torch.Tensor, steps_at: torch.Tensor, centers: torch.Tensor,
+                     width: float) -> torch.Tensor:
+    """Guided attention (Tachibana et al., 2017, DC-TTS): speech that is 40% through should be reading the text that
+    is 40% through. Without it a small talker trained on a few thousand clips learns to say the FIRST word from the
+    text and the rest from memory ("ten cars" -> "ten bears"), since the frames before already predict the next
+    ones well; the penalty makes it look where it is in the text from the first steps on.
+
+    weights [nh, P, P] one answer's attention weights; text_at Long[N] / steps_at Long[F] the positions of its text
+    items / of the step items that predict its frames; centers [N] where each token sits in the answer (0..1).
+    -> the mean over heads and steps of sum_n w[n] * (1 - exp(-(center_n - progress)^2 / (2 width^2))), w = the
+    step's attention over the text items, renormalised to sum to 1 (attending to earlier speech is not penalised)."""
+    on_text = weights[:, steps_at][:, :, text_at]                                 # [nh, F, N]
+    on_text = on_text / on_text.sum(-1, keepdim=True).clamp_min(1e-6)
+    progress = (torch.arange(len(steps_at), device=weights.device) + 0.5) / len(steps_at)   # [F]
+    off_diagonal = 1 - torch.exp(-(centers[None] - progress[:, None]) ** 2 / (2 * width ** 2))  # [F, N]
+    return (on_text * off_diagonal).sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------- the talker
@@ -129,38 +155,59 @@ class Talker(nn.Module):
         """Long[L, K] grid columns -> [L, H]: the sum of each codebook's embedding."""
         return sum(embed(columns[:, k]) for k, embed in enumerate(self.code_embeds))
 
-    def decode(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """[B, T, H] items -> [B, T, H] states; causal over the cache and the new items."""
+    def decode(self, x: torch.Tensor, cache: KVCache | None = None, watch: int | None = None):
+        """[B, T, H] items -> [B, T, H] states; causal over the cache and the new items. With `watch` = a layer
+        index (training, no cache): -> (states, that layer's attention weights [B, nh, T, T])."""
         B, T, _ = x.shape
         past = cache.seq_len if cache is not None else 0
         positions = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = build_attention_mask(None, T, past, x.device)
-        for layer in self.layers:
+        weights = None
+        for i, layer in enumerate(self.layers):
+            if i == watch:
+                weights = layer.self_attn.probabilities(layer.input_layernorm(x), cos, sin)
             x = layer(x, cos, sin, mask, cache)
-        return self.norm(x)
+        return self.norm(x) if watch is None else (self.norm(x), weights)
+
+    def token_centers(self, ids: torch.Tensor) -> torch.Tensor:
+        """Long[N] answer tokens -> [N] where each sits in the answer (0..1), by its number of letters (a token
+        of 8 letters takes about twice as long to say as one of 4)."""
+        letters = (self.spelling[ids] > 0).sum(-1).clamp_min(1).float()         # [N]
+        ends = letters.cumsum(0)
+        return (ends - letters / 2) / ends[-1]
 
     # ---- training
     def forward(self, ids: list[torch.Tensor], text_embeds: list[torch.Tensor], hidden: list[torch.Tensor],
                 codes: list[torch.Tensor], voices: torch.Tensor) -> torch.Tensor:
         """Per answer: ids Long[N_i], text_embeds/hidden [N_i, D_llm], codes Long[K, F_i]; voices Long[B].
         -> mean over codebooks of the cross-entropy at every step that holds a code (or STOP)."""
-        sequences, targets = [], []
+        cfg = self.config
+        sequences, targets, places = [], [], []
         for t, e, h, c, v in zip(ids, text_embeds, hidden, codes, voices):
             grid = delay_grid(c, self.fill, self.stop).T                           # [L, K]
             items = torch.cat([self.voice_embed(v)[None], self.text_items(t, e, h), self.step_items(grid)])
             target = torch.cat([grid.new_full((1 + len(e), grid.shape[1]), IGNORE),
                                 grid.masked_fill(grid == self.fill, IGNORE)])      # [1 + N + L, K]
-            order = interleave_order(len(e), len(grid), self.config.text_chunk, self.config.speech_chunk)
+            order = interleave_order(len(e), len(grid), cfg.text_chunk, cfg.speech_chunk)
             sequences.append(items[order])                                        # [P, H]
             targets.append(target[order[1:]])                                     # [P - 1, K]: item p predicts p + 1
-        states = self.decode(pad_sequence(sequences, batch_first=True))[:, :-1]  # [B, P-1, H] (right-padded)
+            at = torch.empty_like(order)
+            at[order] = torch.arange(len(order))                                  # item i sits at position at[i]
+            places.append((at[1:1 + len(e)], at[1 + len(e):1 + len(e) + c.shape[1]], self.token_centers(t)))
+        watch = min(cfg.guided_layer, cfg.num_hidden_layers - 1) if cfg.guided_attention > 0 else None
+        decoded = self.decode(pad_sequence(sequences, batch_first=True), watch=watch)
+        states = (decoded if watch is None else decoded[0])[:, :-1]             # [B, P-1, H] (right-padded)
         targets = pad_sequence(targets, batch_first=True, padding_value=IGNORE)   # [B, P-1, K]
         losses = []
         for k, head in enumerate(self.heads):
             keep = targets[..., k] != IGNORE                                      # [B, P-1]
             losses.append(F.cross_entropy(head(states[keep]).float(), targets[..., k][keep]))
-        return torch.stack(losses).mean()
+        loss = torch.stack(losses).mean()
+        if watch is None:
+            return loss
+        guided = torch.stack([diagonal_penalty(w, *place, cfg.guided_width) for w, place in zip(decoded[1], places)])
+        return loss + cfg.guided_attention * guided.mean()
 
     # ---- generation
     def pick(self, logits: torch.Tensor, step: int, stop_step: int | None, temperature: float,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model.model_omni import OmniConfig, OmniModel
-from model.talker import Talker, TalkerConfig, delay_grid, interleave_order
+from model.model_llm import Attention, LLMConfig, rope_cos_sin
+from model.talker import Talker, TalkerConfig, delay_grid, diagonal_penalty, interleave_order
 from tests.test_omni import tiny_config
 
 
@@ -68,6 +69,54 @@ def test_loss_decreases_and_greedy_generation_stops_at_the_learned_length():
     talker.eval()
     for t, e, h, c, v in zip(ids, texts, hidden, codes, voices):
         assert torch.equal(talker.generate(t, e, h, int(v)), c)   # the right codes, ended by STOP at the right frame
+
+
+def test_attention_probabilities_are_the_weights_forward_uses():
+    torch.manual_seed(0)
+    cfg = LLMConfig(vocab_size=1, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8)
+    attn, x = Attention(cfg, 0), torch.randn(2, 6, 32)
+    cos, sin = rope_cos_sin(torch.arange(6).expand(2, 6), 8, cfg.rope_theta, x.dtype)
+    weights = attn.probabilities(x, cos, sin)                                   # [2, 4, 6, 6]
+    _, _, v = attn.project(x, cos, sin)
+    by_hand = attn.o_proj((weights @ v.repeat_interleave(2, dim=1)).transpose(1, 2).reshape(2, 6, 32))
+    assert torch.allclose(by_hand, attn(x, cos, sin, None), atol=1e-5)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 4, 6)) and weights.triu(1).abs().max() == 0   # causal
+
+
+def test_diagonal_penalty_is_small_on_the_diagonal_and_large_off_it():
+    # positions: 0 voice, 1-2 the two text items, 3-6 four steps; centers: token 0 at 0.25, token 1 at 0.75
+    text_at, steps_at, centers = torch.tensor([1, 2]), torch.tensor([3, 4, 5, 6]), torch.tensor([0.25, 0.75])
+    progress = torch.tensor([0.125, 0.375, 0.625, 0.875])
+
+    def looking_at(items):  # every head of every step attends to text item items[step] only
+        w = torch.zeros(2, 7, 7)
+        for s, n in enumerate(items):
+            w[:, 3 + s, 1 + n] = 1
+        return w
+
+    def by_hand(items):
+        far = [1 - torch.exp(-(centers[n] - progress[s]) ** 2 / (2 * 0.2 ** 2)) for s, n in enumerate(items)]
+        return torch.stack(far).mean()
+
+    for items in ([0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]):
+        assert torch.allclose(diagonal_penalty(looking_at(items), text_at, steps_at, centers, 0.2), by_hand(items))
+    assert by_hand([0, 0, 1, 1]) < 0.2 < 0.7 < by_hand([1, 1, 0, 0])
+    half = looking_at([0, 0, 1, 1]) * 0.5                       # half the attention on earlier speech: not penalised
+    assert torch.allclose(diagonal_penalty(half, text_at, steps_at, centers, 0.2), by_hand([0, 0, 1, 1]))
+
+
+def test_token_centers_follow_the_letters_and_the_talker_loss_steers_its_watched_layer():
+    talker = Talker(tiny_talker_config(), llm_width=32, llm_vocab=VOCAB)
+    talker.set_spelling(LetterTokenizer())
+    assert torch.allclose(talker.token_centers(torch.tensor([1, 28, 1])), torch.tensor([0.125, 0.5, 0.875]))  # b bc b
+    ids, texts, hidden, codes, voices = overfit_set()
+    talker(ids, texts, hidden, codes, voices).backward()
+    watched = talker.layers[talker.config.guided_layer].self_attn.q_proj.weight.grad
+    off = Talker(tiny_talker_config(guided_attention=0.0), llm_width=32, llm_vocab=VOCAB)
+    off.load_state_dict(talker.state_dict())
+    off(ids, texts, hidden, codes, voices).backward()
+    assert not torch.allclose(watched, off.layers[off.config.guided_layer].self_attn.q_proj.weight.grad)
 
 
 class NeverStop(torch.nn.Module):
