@@ -99,9 +99,9 @@ def interleave_order(n_text: int, n_steps: int, text_chunk: int, speech_chunk: i
 def diagonal_penalty(weights: torch.Tensor, text_at: torch.Tensor, steps_at: torch.Tensor, centers: torch.Tensor,
                      width: float) -> torch.Tensor:
     """Guided attention (Tachibana et al., 2017, DC-TTS): speech that is 40% through should be reading the text that
-    is 40% through. Without it a small talker trained on a few thousand clips learns to say the FIRST word from the
-    text and the rest from memory ("ten cars" -> "ten bears"), since the frames before already predict the next
-    ones well; the penalty makes it look where it is in the text from the first steps on.
+    is 40% through. A small talker trained on a few thousand clips learns to say the FIRST word from the text and
+    the next from memory ("ten cars" -> "ten bears"), since the frames before already predict the next ones well;
+    the penalty pushes it to look where it is in the text (it helps on unseen texts, not enough: README).
 
     weights [nh, P, P] one answer's attention weights; text_at Long[N] / steps_at Long[F] the positions of its text
     items / of the step items that predict its frames; centers [N] where each token sits in the answer (0..1).
@@ -181,7 +181,8 @@ class Talker(nn.Module):
     def forward(self, ids: list[torch.Tensor], text_embeds: list[torch.Tensor], hidden: list[torch.Tensor],
                 codes: list[torch.Tensor], voices: torch.Tensor) -> torch.Tensor:
         """Per answer: ids Long[N_i], text_embeds/hidden [N_i, D_llm], codes Long[K, F_i]; voices Long[B].
-        -> mean over codebooks of the cross-entropy at every step that holds a code (or STOP)."""
+        -> mean over codebooks of the cross-entropy at every step that holds a code (or STOP)
+        + guided_attention x the watched layer's diagonal_penalty, averaged over the answers."""
         cfg = self.config
         sequences, targets, places = [], [], []
         for t, e, h, c, v in zip(ids, text_embeds, hidden, codes, voices):
