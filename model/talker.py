@@ -65,6 +65,7 @@ class TalkerConfig:
     guided_attention: float = 1.0    # weight of the diagonal-attention loss (0 = off); see diagonal_penalty
     guided_layer: int = 1            # the layer whose heads it steers (the last one if the talker has fewer)
     guided_width: float = 0.2        # how far (in fractions of the answer) a head may look off the diagonal
+    first_codebook_weight: float = 4.0   # codebook 0's cross-entropy counts this much more than each finer one's
 
     def decoder_config(self) -> LLMConfig:
         """The Qwen3 block shapes the talker reuses."""
@@ -181,8 +182,9 @@ class Talker(nn.Module):
     def forward(self, ids: list[torch.Tensor], text_embeds: list[torch.Tensor], hidden: list[torch.Tensor],
                 codes: list[torch.Tensor], voices: torch.Tensor) -> torch.Tensor:
         """Per answer: ids Long[N_i], text_embeds/hidden [N_i, D_llm], codes Long[K, F_i]; voices Long[B].
-        -> mean over codebooks of the cross-entropy at every step that holds a code (or STOP)
-        + guided_attention x the watched layer's diagonal_penalty, averaged over the answers."""
+        -> the cross-entropy at every step that holds a code (or STOP), averaged over codebooks with codebook 0
+        weighted first_codebook_weight (its coarse codes decide what is said and when a word starts; Moshi weights
+        its semantic codebook up the same way) + guided_attention x the watched layer's diagonal_penalty."""
         cfg = self.config
         sequences, targets, places = [], [], []
         for t, e, h, c, v in zip(ids, text_embeds, hidden, codes, voices):
@@ -204,7 +206,8 @@ class Talker(nn.Module):
         for k, head in enumerate(self.heads):
             keep = targets[..., k] != IGNORE                                      # [B, P-1]
             losses.append(F.cross_entropy(head(states[keep]).float(), targets[..., k][keep]))
-        loss = torch.stack(losses).mean()
+        weights = torch.tensor([cfg.first_codebook_weight] + [1.0] * (len(losses) - 1), device=states.device)
+        loss = (torch.stack(losses) * weights).sum() / weights.sum()
         if watch is None:
             return loss
         guided = torch.stack([diagonal_penalty(w, *place, cfg.guided_width) for w, place in zip(decoded[1], places)])

@@ -1,6 +1,7 @@
 """The talker: delay pattern, chunk interleaving, training, stop token, streaming == whole-answer generation, and
 its place in OmniModel (loss, gradient paths, save/load, old configs, chat with speech)."""
 import json
+import math
 
 import pytest
 import torch
@@ -117,6 +118,23 @@ def test_token_centers_follow_the_letters_and_the_talker_loss_steers_its_watched
     off.load_state_dict(talker.state_dict())
     off(ids, texts, hidden, codes, voices).backward()
     assert not torch.allclose(watched, off.layers[off.config.guided_layer].self_attn.q_proj.weight.grad)
+
+
+def test_first_codebook_weight_weights_codebook_zero_in_the_mean():
+    ids, texts, hidden, codes, voices = overfit_set()
+    torch.manual_seed(1)
+    weights = Talker(tiny_talker_config(), 32, VOCAB).state_dict()
+    for k in (1, 2):                                          # codebooks 1, 2 predict uniformly: CE = ln(16 + 2)
+        weights[f"heads.{k}.weight"].zero_()
+    uniform = math.log(18)
+    loss = {}
+    for w in (1.0, 4.0):
+        talker = Talker(tiny_talker_config(guided_attention=0.0, first_codebook_weight=w), 32, VOCAB)
+        talker.load_state_dict(weights)
+        loss[w] = talker(ids, texts, hidden, codes, voices).item()
+    first = 3 * loss[1.0] - 2 * uniform                       # plain mean of 3 -> codebook 0's own CE
+    assert abs(first - uniform) > 0.1
+    assert abs(loss[4.0] - (4 * first + 2 * uniform) / 6) < 1e-5
 
 
 class NeverStop(torch.nn.Module):
