@@ -206,8 +206,8 @@ class Talker(nn.Module):
         for k, head in enumerate(self.heads):
             keep = targets[..., k] != IGNORE                                      # [B, P-1]
             losses.append(F.cross_entropy(head(states[keep]).float(), targets[..., k][keep]))
-        weights = torch.tensor([cfg.first_codebook_weight] + [1.0] * (len(losses) - 1), device=states.device)
-        loss = (torch.stack(losses) * weights).sum() / weights.sum()
+        per_book = torch.tensor([cfg.first_codebook_weight] + [1.0] * (len(losses) - 1), device=states.device)
+        loss = (torch.stack(losses) * per_book).sum() / per_book.sum()
         if watch is None:
             return loss
         guided = torch.stack([diagonal_penalty(w, *place, cfg.guided_width) for w, place in zip(decoded[1], places)])
