@@ -16,6 +16,7 @@ along with --train (`--train talker` alone: the LLM stays frozen and only the ta
 import argparse
 import os
 
+from dataset.speech_targets import token_phonemes
 from model.codec import MelCodec
 from model.talker import TalkerConfig
 from stage_utils import add_model_args, build_model, component_lrs, finish_stage, omni_data, set_trainable
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     g = parser.add_argument_group("speech output")
     g.add_argument("--speech_weight", type=float, default=0.0, help="weight of the talker loss (0 = off)")
     g.add_argument("--codec", default="", help="speech codec folder (default: codec/ next to the first --data)")
+    g.add_argument("--talker_config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="TalkerConfig fields of a NEW talker, e.g. num_hidden_layers=4 sound_bytes=0 (no phonemes)")
     add_common_args(parser)
     parser.set_defaults(out="out/sft", train="vision,audio,llm,projectors", epochs=2, batch_size=16, lr=1e-3,
                         warmup_ratio=0.05)
@@ -52,13 +55,28 @@ def main(argv=None):
 
 
 def attach_talker(model, args, tokenizer) -> MelCodec:
-    """Load the data's codec; give the model a talker sized for it unless it already has one; let it spell."""
+    """Load the data's codec; give the model a talker sized for it unless it already has one; let it spell and
+    know how each token sounds (espeak-ng phonemes, saved with the talker: inference needs no espeak-ng)."""
     codec = MelCodec.load(args.codec or os.path.join(os.path.dirname(args.data[0]), "codec"))
     if model.talker is None:
-        model.add_talker(TalkerConfig(n_codebooks=codec.n_codebooks, vocab_size=codec.vocab_size))
+        model.add_talker(new_talker_config(codec, args.talker_config))
     model.talker.set_spelling(tokenizer)
+    if model.talker.config.sound_bytes:
+        model.talker.set_sounds(token_phonemes(tokenizer))
     model.codec, model.speech_weight = codec, args.speech_weight
     return codec
+
+
+def new_talker_config(codec: MelCodec, overrides: list[str]) -> TalkerConfig:
+    """TalkerConfig sized for the codec, with FIELD=VALUE overrides of its number fields (typed like the default)."""
+    defaults = TalkerConfig()
+    fields = {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if not isinstance(getattr(defaults, name, None), (int, float)):
+            raise SystemExit(f"--talker_config {item!r}: not a number field of TalkerConfig")
+        fields[name] = type(getattr(defaults, name))(value)
+    return TalkerConfig(**{"n_codebooks": codec.n_codebooks, "vocab_size": codec.vocab_size, **fields})
 
 
 if __name__ == "__main__":
