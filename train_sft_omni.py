@@ -16,7 +16,6 @@ along with --train (`--train talker` alone: the LLM stays frozen and only the ta
 import argparse
 import os
 
-from dataset.speech_targets import token_phonemes
 from model.codec import MelCodec
 from model.talker import TalkerConfig
 from stage_utils import add_model_args, build_model, component_lrs, finish_stage, omni_data, set_trainable
@@ -35,7 +34,7 @@ def parse_args(argv=None):
     g.add_argument("--speech_weight", type=float, default=0.0, help="weight of the talker loss (0 = off)")
     g.add_argument("--codec", default="", help="speech codec folder (default: codec/ next to the first --data)")
     g.add_argument("--talker_config", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="TalkerConfig fields of a NEW talker, e.g. num_hidden_layers=4 sound_bytes=0 (no phonemes)")
+                   help="TalkerConfig fields of a NEW talker, e.g. num_hidden_layers=4 guided_attention=0")
     add_common_args(parser)
     parser.set_defaults(out="out/sft", train="vision,audio,llm,projectors", epochs=2, batch_size=16, lr=1e-3,
                         warmup_ratio=0.05)
@@ -55,14 +54,11 @@ def main(argv=None):
 
 
 def attach_talker(model, args, tokenizer) -> MelCodec:
-    """Load the data's codec; give the model a talker sized for it unless it already has one; let it spell and
-    know how each token sounds (espeak-ng phonemes, saved with the talker: inference needs no espeak-ng)."""
+    """Load the data's codec; give the model a talker sized for it unless it already has one; let it spell."""
     codec = MelCodec.load(args.codec or os.path.join(os.path.dirname(args.data[0]), "codec"))
     if model.talker is None:
         model.add_talker(new_talker_config(codec, args.talker_config))
     model.talker.set_spelling(tokenizer)
-    if model.talker.config.sound_bytes:
-        model.talker.set_sounds(token_phonemes(tokenizer))
     model.codec, model.speech_weight = codec, args.speech_weight
     return codec
 

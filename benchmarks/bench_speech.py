@@ -8,7 +8,7 @@ trained here on ToyWorld's clean speech only: the training split's spoken answer
 its ASR clips (the user voices). It never hears codec output, so a worse score on decoded speech is the codec's
 (or the talker's) loss of intelligibility. `measure` scores the test split's spoken answers (held out: the
 talker never trained on them; transcripts can be unseen word combinations) three ways, as character error rate
-(edit distance / reference length, lower-cased, final punctuation dropped):
+(edit distance / reference length, lower-cased, final punctuation dropped, numbers as words: "3." is said "three"):
   1. ground truth: the espeak-ng clip itself (the judge's own floor);
   2. codec round trip: decode(encode(ground truth));
   3. talker: the talker speaking the reference answer from the checkpoint's LLM states (teacher-forced text, so
@@ -19,11 +19,15 @@ held-out prompt with a spoken answer: the talker speaking what the LLM itself wr
 ("own_answers": mostly short answers the talker has said many times, so the easier measure). It also streams a
 few answers through OmniModel.chat(speak=True, stream=True): first-audio latency (prompt in -> first audio chunk
 out) and real-time factor (wall time / seconds of audio; below 1 = faster than real time).
+
+--reference_codebooks 1 2 3 (diagnosis): in the teacher-forced talker rows those codebooks are fed from the reference
+clip instead of generated, so the rest are judged on a right history ("0": what the fine codebooks lose alone).
 """
 import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 
 import soundfile as sf
 import torch
@@ -31,14 +35,19 @@ import torchaudio
 
 from dataset.omni_dataset import OmniDataset, collate
 from dataset.processor import OmniProcessor
+from dataset.toyworld_text import NUMBER_WORDS
 from model.model_audio import AudioConfig, WhisperEncoder, log_mel_spectrogram
 from model.model_omni import MediaInputs, OmniConfig, OmniModel
+from model.talker import delay_grid
 from model.warmup_heads import AudioWarmup
 from stage_utils import encode_chars
 
 
 def clean(text: str) -> str:
-    return " ".join(text.lower().split()).rstrip(".!? ")
+    """Lower-cased words without final punctuation, numbers as words: the answer "3." is SAID "three", so a clip
+    heard as "three" (or as "3": the judge learned both, from spoken answers and from ASR clips) matches it."""
+    words = " ".join(text.lower().split()).rstrip(".!? ").split(" ")
+    return " ".join(NUMBER_WORDS[int(w)] if w.isdigit() and int(w) < len(NUMBER_WORDS) else w for w in words)
 
 
 def judge_items(data: str, split: str) -> list[tuple[str, str]]:
@@ -135,11 +144,33 @@ def cer(judge: Judge, wavs: list[torch.Tensor], refs: list[str], batch: int = 32
     return edits / sum(len(r) for r in refs)
 
 
+@contextmanager
+def reference_codebooks(talker, codes: torch.Tensor, books: list[int]):
+    """Diagnosis only: while the talker generates, codebooks `books` take the reference clip's codes (Long[K, F],
+    delay pattern applied) wherever the reference has one, so the other codebooks are judged on a right history."""
+    grid = delay_grid(codes, talker.fill, talker.stop)                             # [K, L]
+    pick = talker.pick
+
+    def forced(logits, step, stop_step, temperature, generator):
+        column = pick(logits, step, stop_step, temperature, generator)
+        for k in books:
+            ref = int(grid[k, step]) if step < grid.shape[1] else talker.fill
+            if ref != talker.fill and (k == 0 or column[k] != talker.fill):   # codebook 0 also takes the STOP
+                column[k] = ref
+        return column
+    talker.pick = forced
+    try:
+        yield
+    finally:
+        del talker.pick
+
+
 @torch.no_grad()
 def talker_speech(model: OmniModel, processor, data: str, split: str = "test", keep=lambda sample: True,
-                  limit: int | None = None) -> dict[str, torch.Tensor]:
+                  limit: int | None = None, reference_books: list[int] = ()) -> dict[str, torch.Tensor]:
     """{wav path: the talker speaking that reference answer} (teacher-forced through the LLM), one sample per
-    distinct spoken answer of the split (those `keep` accepts, at most `limit`)."""
+    distinct spoken answer of the split (those `keep` accepts, at most `limit`). reference_books: codebooks fed
+    from the reference clip instead of generated (reference_codebooks)."""
     dataset = OmniDataset(os.path.join(data, f"{split}.jsonl"), processor.tokenizer, model.config, codec=model.codec)
     spoken = {}
     for index, (_, sample) in enumerate(dataset.records):
@@ -155,8 +186,9 @@ def talker_speech(model: OmniModel, processor, data: str, split: str = "test", k
         hidden = model.llm(inputs_embeds=embeds, logits_at="none").hidden_states[0]          # [T, D]
         mask = batch["speech_text_mask"][0]
         ids = batch["input_ids"][0][mask]
-        codes = model.talker.generate(ids, model.llm.get_input_embeddings()(ids), hidden[mask],
-                                      int(batch["speech_voices"][0]))
+        with reference_codebooks(model.talker, batch["speech_codes"][0, :, :batch["speech_lens"][0]], reference_books):
+            codes = model.talker.generate(ids, model.llm.get_input_embeddings()(ids), hidden[mask],
+                                          int(batch["speech_voices"][0]))
         spoken[os.path.join(data, answer["speech"])] = model.codec.decode(codes)
     return spoken
 
@@ -201,7 +233,7 @@ def measure(args):
     trained = {split: dict(judge_items(args.data, split)) for split in ("pretrain", "sft")}   # {wav path: text}
     trained_texts = {t for items in trained.values() for t in items.values()}
     t0 = time.time()
-    spoken = talker_speech(model, processor, args.data)
+    spoken = talker_speech(model, processor, args.data, reference_books=args.reference_codebooks)
     talker_seconds = time.time() - t0
     results = {"judge": "in-domain CTC (Whisper-style tiny encoder) trained on clean ToyWorld speech"}
     for subset, keep in (("all", lambda t: True), ("unseen_text", lambda t: t not in trained_texts)):
@@ -214,7 +246,8 @@ def measure(args):
         results[subset] = row
     results["talker_seconds"] = talker_seconds
     two_words = talker_speech(model, processor, args.data, "sft", limit=60, keep=lambda s: s["task"] in (
-        "read_aloud", "asr") and len(s["conversations"][-1]["content"].split()) == 2)   # texts it trained on
+        "read_aloud", "asr") and len(s["conversations"][-1]["content"].split()) == 2,   # texts it trained on
+        reference_books=args.reference_codebooks)
     refs = [trained["sft"][p] for p in two_words]
     results["train_two_word_texts"] = {"n_clips": len(two_words), "cer_ground_truth": cer(judge, [read(p) for p in
                                        two_words], refs), "cer_talker": cer(judge, list(two_words.values()), refs)}
@@ -225,7 +258,7 @@ def measure(args):
                               "n_texts_not_in_training": len({t for t, _ in kept} - trained_texts),
                               "cer_talker": cer(judge, [w for _, w in kept], [t for t, _ in kept])}
     results["streaming"] = streaming(model, processor, args.data, args.stream_n)
-    results["threads"] = torch.get_num_threads()
+    results["threads"], results["reference_codebooks"] = torch.get_num_threads(), args.reference_codebooks
     print(json.dumps(results, indent=2))
     if args.out:
         with open(args.out, "w") as f:
@@ -244,6 +277,8 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream_n", type=int, default=10, help="answers streamed for latency / real-time factor")
+    p.add_argument("--reference_codebooks", type=int, nargs="*", default=[],
+                   help="diagnosis: these codebooks come from the reference clip in the teacher-forced talker rows")
     args = p.parse_args()
     train_judge(args) if args.mode == "judge" else measure(args)
 

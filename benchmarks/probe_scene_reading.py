@@ -11,11 +11,15 @@ of the whole answer under teacher forcing, which equals greedy decoding's exact 
     python benchmarks/probe_scene_reading.py --tokenizer data/toyworld/tokenizer --hidden 128 --layers 2 --lr 3e-3
     python benchmarks/probe_scene_reading.py --tokenizer data/toyworld/tokenizer --hidden 128 --layers 2 --lr 3e-3 \
         --restate color,shape        # 'The star is red.' instead of 'Red.'
+    python benchmarks/probe_scene_reading.py --tokenizer data/toyworld/tokenizer --as_caption   # the caption as text
 
 --restate TASKS: the answers of those tasks first name what was asked about ("The star is red.", "The green object
 is a star.", "The blue triangle is at the top left."), so the object is looked up right after the answer has named
 it instead of from the question several tokens back. Only questions that name an object change (colour by shape,
 shape by colour, position); by-cell questions and counts keep their one-word answers.
+
+--as_caption: the image is not 9 cell vectors but the scene's caption as TEXT ("A large red circle at the top left,
+..."), the text warm-up's stand-in: how fast the same LLM learns to answer from a description it reads word by word.
 """
 import argparse
 import math
@@ -57,9 +61,10 @@ def restated(task: str, answer: str, query: dict) -> str:
     return answer
 
 
-def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=()) -> tuple[dict, list]:
-    """-> (collated batch: input_ids / attention_mask / labels [n, T], cell word ids: n x 9 lists)."""
-    expansion = {"image": [IMAGE_START + IMAGE_PAD * CELLS + IMAGE_END]}
+def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=(),
+               as_caption=False) -> tuple[dict, list]:
+    """-> (collated batch: input_ids / attention_mask / labels [n, T], cell word ids: n x 9 lists). as_caption: the
+    image is its caption as TEXT instead (the text warm-up's stand-in), so there are no cell vectors."""
     rows, cells = [], []
     for i in range(n):
         task = tasks[i % len(tasks)]
@@ -68,9 +73,12 @@ def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=
             answer = restated(task, answer, extra["query"])
         sample = {"conversations": [{"role": "user", "content": "<image>\n" + question},
                                     {"role": "assistant", "content": answer}]}
-        input_ids, labels = tokenize_conversation(sample, tokenizer, expansion)
+        image = T.caption("en", scene["objects"]) if as_caption else IMAGE_PAD * CELLS
+        input_ids, labels = tokenize_conversation(sample, tokenizer, {"image": [IMAGE_START + image + IMAGE_END]})
         rows.append({"input_ids": input_ids, "labels": labels})
-        cells.append([tokenizer(" " + " ".join(w), add_special_tokens=False)["input_ids"] for w in cell_words(scene)])
+        if not as_caption:
+            cells.append([tokenizer(" " + " ".join(w), add_special_tokens=False)["input_ids"]
+                          for w in cell_words(scene)])
     return collate(rows, tokenizer.pad_token_id), cells
 
 
@@ -98,6 +106,7 @@ def main():
     p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restate", default="", help="comma-separated tasks whose answers name the object first")
+    p.add_argument("--as_caption", action="store_true", help="the scene as its caption text, not 9 cell vectors")
     args = p.parse_args()
     restate = [t for t in args.restate.split(",") if t]
     if not set(restate) <= {"color", "shape", "position"}:
@@ -111,13 +120,14 @@ def main():
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     opt = torch.optim.AdamW(llm.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     train_rng, eval_rng = random.Random(args.seed), random.Random(args.seed + 123)
-    held_out = {task: make_batch(eval_rng, 200, [task], tokenizer, restate) for task in TASKS}
+    held_out = {task: make_batch(eval_rng, 200, [task], tokenizer, restate, args.as_caption) for task in TASKS}
     t0 = time.time()
     for step in range(1, args.steps + 1):
         warm, cosine = min(1.0, step / 50), 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * (0.1 + 0.9 * cosine)
-        loss, _ = loss_and_exact(llm, pad_id, *make_batch(train_rng, args.batch_size, TASKS, tokenizer, restate))
+        batch = make_batch(train_rng, args.batch_size, TASKS, tokenizer, restate, args.as_caption)
+        loss, _ = loss_and_exact(llm, pad_id, *batch)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)

@@ -16,8 +16,6 @@ learns to speak in either and the voice can be selected at inference. The assist
 import hashlib
 import json
 import os
-import re
-import subprocess
 
 import soundfile as sf
 import torch
@@ -73,27 +71,3 @@ def fit_codec(out: str, train_samples: list[dict], **codec_args) -> MelCodec:
     codec.save(os.path.join(out, "codec"))
     print(f"fitted the speech codec on {len(wavs)} spoken answers -> {out}/codec")
     return codec
-
-
-def phonemes(texts: list[str], voice: str = ASSISTANT_VOICES[DEFAULT_VOICE]["voice"]) -> list[str]:
-    """How espeak-ng pronounces each text, in its ASCII phoneme notation ('sixteen' -> "s'Iksti:n"); "" for a text
-    without a letter or digit. One espeak-ng call for all texts, one per line; if espeak-ng ever splits a line in
-    two (the line counts disagree), every text is asked again on its own."""
-    spoken = [" ".join(t.split()) if re.search(r"[A-Za-z0-9]", t) else "" for t in texts]
-
-    def run(lines: list[str]) -> list[str]:
-        out = subprocess.run(["espeak-ng", "-q", "-x", "-v", voice], input="\n".join(lines) + "\n",
-                             capture_output=True, text=True, check=True).stdout
-        return [" ".join(line.split()) for line in out.splitlines()]
-
-    result = run(spoken)
-    if len(result) != len(spoken):
-        result = [run([t])[0] if t else "" for t in spoken]
-    return [r if t else "" for r, t in zip(result, spoken)]
-
-
-def token_phonemes(tokenizer) -> list[str]:
-    """The talker's sound table: every token's text as espeak-ng phonemes ("" for markup such as <|im_end|> and for
-    non-ASCII tokens, which the English voices cannot read)."""
-    texts = [tokenizer.decode([t]) for t in range(len(tokenizer))]
-    return phonemes([t if t.isascii() and not re.fullmatch(r"\s*<.*>\s*", t) else "" for t in texts])

@@ -106,7 +106,7 @@ class OmniConfig:
         if unknown:
             raise ValueError(f"unknown OmniConfig keys: {sorted(unknown)}")
         d = dict(d, llm=LLMConfig(**d["llm"]), vision=VisionConfig(**d["vision"]), audio=AudioConfig(**d["audio"]),
-                 talker=TalkerConfig(**{"sound_bytes": 0, **d["talker"]}) if d.get("talker") else None)
+                 talker=TalkerConfig(**d["talker"]) if d.get("talker") else None)
         return OmniConfig(**d)
 
     def save(self, path: str):

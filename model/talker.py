@@ -2,13 +2,10 @@
 
 What it reads. One item per answer token: that token's text embedding (the LLM's input embedding, projected to the
 talker's width) + L2-normalised MLP(the LLM's last hidden state of that token) + its L2-normalised SPELLING (the
-sum of an embedding per UTF-8 byte of the token's text at its place in the token) + its L2-normalised SOUND (the
-same over the token's phonemes, as espeak-ng pronounces it: "sixteen" -> s'Iksti:n). The text embedding says WHAT
-to say; spelling and sound say how it is written and how it is said, which carry over between words (a whole-word
-token is only ever heard in the few clips that say it, its letters and phonemes in thousands; phonemes also undo
-English spelling: "c" in "cat" and "city"); the hidden state carries the context the LLM had when it wrote it.
-The L2 norms keep those terms on a fixed scale whatever the LLM's width or stage. Both tables are filled once
-(set_spelling, set_sounds) and saved with the talker, so speaking needs no tokenizer or espeak-ng.
+sum of an embedding per UTF-8 byte of the token's text at its place in the token). The text embedding says WHAT to
+say; the spelling says how it is written, which carries over between words (letters sound alike from word to word,
+while a whole-word token is only ever heard in the few clips that say it); the hidden state carries the context
+the LLM had when it wrote it. The L2 norms keep those terms on a fixed scale whatever the LLM's width or stage.
 
 What it writes. Codec frames of `n_codebooks` codes each, with a DELAY pattern: codebook k is shifted k steps
 later, so one step predicts codebook 0 of frame f together with codebook 1 of frame f-1, ..., and the finer
@@ -65,7 +62,6 @@ class TalkerConfig:
     speech_chunk: int = 12           # delayed-grid steps per interleaved speech chunk (0.48 s at 25 frames/s)
     max_frames: int = 500            # 20 s at 25 frames/s: generation is cut (STOP forced) here
     spelling_bytes: int = 16         # bytes of each token's text the talker reads (longer tokens are cut)
-    sound_bytes: int = 24            # bytes of each token's phonemes (espeak-ng) it reads; 0 = no sound term
     guided_attention: float = 1.0    # weight of the diagonal-attention loss (0 = off); see diagonal_penalty
     guided_layer: int = 1            # the layer whose heads it steers (the last one if the talker has fewer)
     guided_width: float = 0.2        # how far (in fractions of the answer) a head may look off the diagonal
@@ -119,15 +115,6 @@ def diagonal_penalty(weights: torch.Tensor, text_at: torch.Tensor, steps_at: tor
     return (on_text * off_diagonal).sum(-1).mean()
 
 
-def byte_table(texts: list[str], like: torch.Tensor) -> torch.Tensor:
-    """texts[t] -> row t of a Long table shaped `like`: its UTF-8 bytes + 1, cut to the row, 0-padded."""
-    table = torch.zeros_like(like)
-    for t, text in enumerate(texts[:len(table)]):
-        encoded = text.encode("utf-8")[:table.shape[1]]
-        table[t, :len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8) + 1
-    return table
-
-
 # ----------------------------------------------------------------------------- the talker
 class Talker(nn.Module):
     def __init__(self, config: TalkerConfig, llm_width: int, llm_vocab: int):
@@ -142,10 +129,6 @@ class Talker(nn.Module):
         # Long-lived lookup, saved with the talker: row t = the bytes of token t's text (+1), 0-padded. set_spelling
         # fills it from the tokenizer; all zeros = the spelling term is 0.
         self.register_buffer("spelling", torch.zeros(llm_vocab, config.spelling_bytes, dtype=torch.uint8))
-        if config.sound_bytes:  # the same for how each token SOUNDS: its phonemes (set_sounds), bytes + 1
-            self.sound_embed = nn.Embedding(257, H, padding_idx=0)
-            self.sound_pos = nn.Embedding(config.sound_bytes, H)
-            self.register_buffer("sounds", torch.zeros(llm_vocab, config.sound_bytes, dtype=torch.uint8))
         self.voice_embed = nn.Embedding(len(config.voices), H)
         self.code_embeds = nn.ModuleList(nn.Embedding(config.vocab_size + 2, H) for _ in range(K))
         decoder = config.decoder_config()
@@ -155,24 +138,19 @@ class Talker(nn.Module):
 
     def set_spelling(self, tokenizer) -> None:
         """Fill the spelling table: every token's decoded text as UTF-8 bytes, cut to spelling_bytes."""
-        self.spelling.copy_(byte_table([tokenizer.decode([t]) for t in range(len(tokenizer))], self.spelling))
-
-    def set_sounds(self, phonemes: list[str]) -> None:
-        """Fill the sound table: phonemes[t] = how token t is pronounced (dataset.speech_targets.token_phonemes)."""
-        self.sounds.copy_(byte_table(phonemes, self.sounds))
+        table = torch.zeros_like(self.spelling)
+        for token in range(min(len(tokenizer), len(table))):
+            spelled = tokenizer.decode([token]).encode("utf-8")[:table.shape[1]]
+            table[token, :len(spelled)] = torch.tensor(list(spelled), dtype=torch.uint8) + 1
+        self.spelling.copy_(table)
 
     # ---- items
     def text_items(self, ids: torch.Tensor, text_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Long[N] answer tokens, [N, D_llm] their input embeddings, [N, D_llm] last hidden states -> [N, H]."""
         spelled = self.spelling[ids].long()                                        # [N, S] byte + 1, 0 = none
         letters = (self.byte_embed(spelled) + self.byte_pos.weight) * (spelled > 0).unsqueeze(-1)  # [N, S, H]
-        items = (self.text_proj(text_embeds) + F.normalize(self.hidden_mlp(hidden), dim=-1)
-                 + F.normalize(letters.sum(1), dim=-1))
-        if self.config.sound_bytes:
-            phones = self.sounds[ids].long()                                        # [N, P] byte + 1, 0 = none
-            sounds = (self.sound_embed(phones) + self.sound_pos.weight) * (phones > 0).unsqueeze(-1)  # [N, P, H]
-            items = items + F.normalize(sounds.sum(1), dim=-1)
-        return items
+        return (self.text_proj(text_embeds) + F.normalize(self.hidden_mlp(hidden), dim=-1)
+                + F.normalize(letters.sum(1), dim=-1))
 
     def step_items(self, columns: torch.Tensor) -> torch.Tensor:
         """Long[L, K] grid columns -> [L, H]: the sum of each codebook's embedding."""

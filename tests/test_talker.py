@@ -160,40 +160,6 @@ def test_spelling_table_holds_each_tokens_bytes_and_tells_same_embeddings_apart(
     assert torch.allclose(after.norm(dim=-1), after[:1].norm(dim=-1).expand(3), atol=1.5)  # one scale: unit terms
 
 
-def test_sound_table_holds_each_tokens_phonemes_and_tells_same_spellings_apart():
-    talker = Talker(tiny_talker_config(sound_bytes=4), llm_width=32, llm_vocab=VOCAB)
-    talker.set_spelling(LetterTokenizer())
-    same = torch.randn(1, 32).expand(2, 32)
-    before = talker.text_items(torch.tensor([2, 2]), same, same)
-    talker.set_sounds(["", "", "k'at", "s'Iti:"])                  # longer than sound_bytes: cut
-    assert talker.sounds[[0, 2, 3]].tolist() == [[0, 0, 0, 0], [108, 40, 98, 117], [116, 40, 74, 117]]
-    after = talker.text_items(torch.tensor([2, 3]), same, same)
-    assert not torch.allclose(after[0], before[0])               # the sound term adds to the item
-    talker.spelling.zero_()                                        # same spelling, embedding, state: sound tells apart
-    apart = talker.text_items(torch.tensor([2, 3]), same, same)
-    assert not torch.allclose(apart[0], apart[1])
-    assert Talker(tiny_talker_config(sound_bytes=0), 32, VOCAB).state_dict().keys().isdisjoint({"sounds"})
-
-
-def test_phonemes_come_from_espeak_one_per_text_and_skip_markup():
-    from dataset.speech_targets import phonemes, token_phonemes
-    texts = ["cat", " city", ".", "", "3", "sixteen"]
-    batch = phonemes(texts)
-    assert batch == [phonemes([t])[0] for t in texts]              # one espeak-ng call == one call per text
-    assert batch[0].startswith("k") and batch[1].startswith("s")   # the sound, not the letter: c -> k / s
-    assert batch[2] == batch[3] == "" and batch[4] and batch[5]
-
-    class Words:
-        vocab = ["<|im_end|>", " cat", "猫", "!"]
-
-        def __len__(self):
-            return len(self.vocab)
-
-        def decode(self, ids):
-            return self.vocab[ids[0]]
-    assert token_phonemes(Words()) == ["", batch[0], "", ""]
-
-
 def test_max_frames_cuts_an_untrained_talker():
     torch.manual_seed(0)
     talker = Talker(tiny_talker_config(max_frames=5), llm_width=32, llm_vocab=VOCAB).eval()
@@ -206,7 +172,6 @@ def test_stream_pulls_text_lazily_and_concatenates_to_generate():
     torch.manual_seed(0)
     talker = Talker(tiny_talker_config(max_frames=12), llm_width=32, llm_vocab=VOCAB).eval()
     talker.set_spelling(LetterTokenizer())
-    talker.heads[0] = NeverStop(talker.heads[0], talker.stop)     # speaks all 12 frames: every text chunk is needed
     ids, text, hidden = torch.arange(7), torch.randn(7, 32), torch.randn(7, 32)
     pulled = []
 
@@ -262,10 +227,7 @@ def test_old_configs_without_a_talker_load_and_talkers_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.talker.state_dict().values(),
                                                    loaded.talker.state_dict().values()))
     raw = json.loads((tmp_path / "ckpt/config.json").read_text())
-    raw.pop("excluded")
-    raw["talker"].pop("sound_bytes")                                # saved before the sound term: none
-    assert OmniConfig.from_dict(raw).talker.sound_bytes == 0
-    raw.pop("talker")
+    raw.pop("talker"), raw.pop("excluded")
     assert OmniConfig.from_dict(raw).talker is None
     with pytest.raises(ValueError, match="talker only when config.talker is set"):
         OmniModel(OmniConfig.from_dict(raw)).unfreeze("talker")
@@ -346,3 +308,23 @@ def test_streamed_speech_equals_the_talker_on_the_whole_answer(spoken_world):
     hidden = model.llm(input_ids=ids[None], logits_at="none").hidden_states[0, -len(answer):]
     whole = model.talker.generate(answer, model.llm.get_input_embeddings()(answer), hidden, voice=1)
     assert torch.equal(frames, whole)
+
+
+def test_new_talker_config_takes_typed_overrides_of_number_fields():
+    from types import SimpleNamespace
+    from train_sft_omni import new_talker_config
+    codec = SimpleNamespace(n_codebooks=2, vocab_size=8)
+    cfg = new_talker_config(codec, ["num_hidden_layers=4", "guided_width=0.3", "first_codebook_weight=1"])
+    assert (cfg.n_codebooks, cfg.vocab_size, cfg.num_hidden_layers, cfg.guided_width) == (2, 8, 4, 0.3)
+    assert isinstance(cfg.first_codebook_weight, float)
+    assert new_talker_config(codec, []) == TalkerConfig(n_codebooks=2, vocab_size=8)
+    for bad in (["voices=ava"], ["no_such_field=1"]):
+        with pytest.raises(SystemExit, match="not a number field"):
+            new_talker_config(codec, bad)
+
+
+def test_speech_scoring_hears_numbers_as_words():
+    from benchmarks.bench_speech import clean
+    assert clean("3.") == clean("Three.") == "three"
+    assert clean("  Twelve  cats! ") == clean("12 cats") == "twelve cats"
+    assert clean("Top left.") == "top left" and clean("3.5") == "3.5" and clean("25") == "25"
