@@ -58,6 +58,8 @@ def attach_talker(model, args, tokenizer) -> MelCodec:
     codec = MelCodec.load(args.codec or os.path.join(os.path.dirname(args.data[0]), "codec"))
     if model.talker is None:
         model.add_talker(new_talker_config(codec, args.talker_config))
+    elif args.talker_config:
+        raise SystemExit("--talker_config shapes a NEW talker, but the --init checkpoint already has one")
     model.talker.set_spelling(tokenizer)
     model.codec, model.speech_weight = codec, args.speech_weight
     return codec
@@ -71,7 +73,10 @@ def new_talker_config(codec: MelCodec, overrides: list[str]) -> TalkerConfig:
         name, _, value = item.partition("=")
         if not isinstance(getattr(defaults, name, None), (int, float)):
             raise SystemExit(f"--talker_config {item!r}: not a number field of TalkerConfig")
-        fields[name] = type(getattr(defaults, name))(value)
+        try:
+            fields[name] = type(getattr(defaults, name))(value)
+        except ValueError:
+            raise SystemExit(f"--talker_config {item!r}: {value!r} is not a valid {type(getattr(defaults, name)).__name__}")
     return TalkerConfig(**{"n_codebooks": codec.n_codebooks, "vocab_size": codec.vocab_size, **fields})
 
 

@@ -321,6 +321,8 @@ def test_new_talker_config_takes_typed_overrides_of_number_fields():
     for bad in (["voices=ava"], ["no_such_field=1"]):
         with pytest.raises(SystemExit, match="not a number field"):
             new_talker_config(codec, bad)
+    with pytest.raises(SystemExit, match="'four' is not a valid int"):
+        new_talker_config(codec, ["num_hidden_layers=four"])
 
 
 def test_speech_scoring_hears_numbers_as_words():
