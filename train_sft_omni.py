@@ -71,12 +71,13 @@ def new_talker_config(codec: MelCodec, overrides: list[str]) -> TalkerConfig:
     fields = {}
     for item in overrides:
         name, _, value = item.partition("=")
-        if not isinstance(getattr(defaults, name, None), (int, float)):
+        kind = type(getattr(defaults, name, None))
+        if kind not in (int, float):
             raise SystemExit(f"--talker_config {item!r}: not a number field of TalkerConfig")
         try:
-            fields[name] = type(getattr(defaults, name))(value)
+            fields[name] = kind(value)
         except ValueError:
-            raise SystemExit(f"--talker_config {item!r}: {value!r} is not a valid {type(getattr(defaults, name)).__name__}")
+            raise SystemExit(f"--talker_config {item!r}: {value!r} is not a valid {kind.__name__}")
     return TalkerConfig(**{"n_codebooks": codec.n_codebooks, "vocab_size": codec.vocab_size, **fields})
 
 
