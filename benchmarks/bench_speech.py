@@ -148,6 +148,9 @@ def cer(judge: Judge, wavs: list[torch.Tensor], refs: list[str], batch: int = 32
 def reference_codebooks(talker, codes: torch.Tensor, books: list[int]):
     """Diagnosis only: while the talker generates, codebooks `books` take the reference clip's codes (Long[K, F],
     delay pattern applied) wherever the reference has one, so the other codebooks are judged on a right history."""
+    if not books:                                                                  # the plain measurement: no wrapper
+        yield
+        return
     grid = delay_grid(codes, talker.fill, talker.stop)                             # [K, L]
     pick = talker.pick
 
