@@ -12,6 +12,8 @@ of the whole answer under teacher forcing, which equals greedy decoding's exact 
     python benchmarks/probe_scene_reading.py --tokenizer data/toyworld/tokenizer --hidden 128 --layers 2 --lr 3e-3 \
         --restate color,shape        # 'The star is red.' instead of 'Red.'
     python benchmarks/probe_scene_reading.py --tokenizer data/toyworld/tokenizer --as_caption   # the caption as text
+    python benchmarks/probe_scene_reading.py --tasks color --steps 600      # one question type alone
+    python benchmarks/probe_scene_reading.py --steps 8000 --eval_every 250  # the long curve (78 min on one thread)
 
 --restate TASKS: the answers of those tasks first name what was asked about ("The star is red.", "The green object
 is a star.", "The blue triangle is at the top left."), so the object is looked up right after the answer has named
@@ -20,6 +22,12 @@ shape by colour, position); by-cell questions and counts keep their one-word ans
 
 --as_caption: the image is not 9 cell vectors but the scene's caption as TEXT ("A large red circle at the top left,
 ..."), the text warm-up's stand-in: how fast the same LLM learns to answer from a description it reads word by word.
+
+--questions K: every training scene comes with K question/answer turns (one conversation, every answer trained), so
+a step carries K lookups per scene instead of one; the held-out score stays one question per scene.
+--mimetic: key projections start equal to query projections, so attention first prefers tokens of the same content.
+--tasks: train on some of the four only (all four are scored); --curriculum N: N steps of each task alone, in the
+order of --tasks, then all of them mixed.
 """
 import argparse
 import math
@@ -61,18 +69,48 @@ def restated(task: str, answer: str, query: dict) -> str:
     return answer
 
 
+def unique_in(objs: list[dict], obj: dict, *keys: str) -> bool:
+    """Whether no other object of the scene shares obj's values of `keys` (so a question can name it by them)."""
+    return sum(all(o[k] == obj[k] for k in keys) for o in objs) == 1
+
+
+def more_questions(rng: random.Random, scene: dict, k: int, tasks: list[str]) -> list[tuple[str, str]]:
+    """k further (question, answer) pairs about the same scene, each of a random one of `tasks` (see --questions)."""
+    objs, pairs = scene["objects"], []
+    while len(pairs) < k:
+        task, o = rng.choice(tasks), rng.choice(objs)
+        if task == "color":
+            q = (T.color_question("en", rng, shape=o["shape"]) if unique_in(objs, o, "shape")
+                 else T.color_question("en", rng, cell=B.cell_index(o)))
+            pairs.append((q, T.answer("en", o["color"])))
+        elif task == "shape":
+            q = (T.shape_question("en", rng, color=o["color"]) if unique_in(objs, o, "color")
+                 else T.shape_question("en", rng, cell=B.cell_index(o)))
+            pairs.append((q, T.answer("en", o["shape"])))
+        elif task == "count":
+            color = rng.choice(list(T.COLORS))
+            pairs.append((T.count_question("en", rng, color=color),
+                          T.answer("en", str(sum(p["color"] == color for p in objs)))))
+        elif unique_in(objs, o, "color", "shape"):
+            pairs.append((T.position_question("en", rng, o["color"], o["shape"]),
+                          T.answer("en", T.POSITIONS[B.cell_index(o)][0])))
+    return pairs
+
+
 def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=(),
-               as_caption=False) -> tuple[dict, list]:
+               as_caption=False, questions=1) -> tuple[dict, list]:
     """-> (collated batch: input_ids / attention_mask / labels [n, T], cell word ids: n x 9 lists). as_caption: the
-    image is its caption as TEXT instead (the text warm-up's stand-in), so there are no cell vectors."""
+    image is its caption as TEXT instead (the text warm-up's stand-in), so there are no cell vectors. questions > 1:
+    that many question/answer turns about each scene (the first from ToyWorld's generator, the rest random)."""
     rows, cells = [], []
     for i in range(n):
         task = tasks[i % len(tasks)]
         scene, question, answer, extra = B.ASK[task](rng, "en")
         if task in restate:
             answer = restated(task, answer, extra["query"])
-        sample = {"conversations": [{"role": "user", "content": "<image>\n" + question},
-                                    {"role": "assistant", "content": answer}]}
+        turns = [("<image>\n" + question, answer)] + more_questions(rng, scene, questions - 1, tasks)
+        sample = {"conversations": [{"role": role, "content": text} for q, a in turns
+                                    for role, text in (("user", q), ("assistant", a))]}
         image = T.caption("en", scene["objects"]) if as_caption else IMAGE_PAD * CELLS
         input_ids, labels = tokenize_conversation(sample, tokenizer, {"image": [IMAGE_START + image + IMAGE_END]})
         rows.append({"input_ids": input_ids, "labels": labels})
@@ -82,14 +120,24 @@ def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=
     return collate(rows, tokenizer.pad_token_id), cells
 
 
+def mimetic_init(llm: Qwen3ForCausalLM):
+    """Each key head starts as a copy of its group's first query head (Trockman & Kolter's mimetic init: q.k then
+    favours tokens with the same content, the first step of a lookup by content; see --mimetic)."""
+    with torch.no_grad():
+        for layer in llm.model.layers:
+            attn = layer.self_attn
+            q = attn.q_proj.weight.view(attn.n_kv, attn.n_heads // attn.n_kv, attn.head_dim, -1)
+            attn.k_proj.weight.copy_(q[:, 0].reshape(attn.n_kv * attn.head_dim, -1))
+
+
 def loss_and_exact(llm, pad_id: int, batch: dict, cells) -> tuple[torch.Tensor, float]:
-    embed = llm.get_input_embeddings()
-    input_ids = batch["input_ids"]
+    embed, device = llm.get_input_embeddings(), llm.get_input_embeddings().weight.device
+    input_ids = batch["input_ids"].to(device)
     x = embed(input_ids)                                                       # [B, T, D]
     for b, words in enumerate(cells):                                          # one fused vector per cell
-        x[b, input_ids[b] == pad_id] = torch.stack([embed(torch.tensor(w)).sum(0) for w in words])
-    logits = llm(inputs_embeds=x, attention_mask=batch["attention_mask"]).logits[:, :-1]  # [B, T-1, V]
-    target = batch["labels"][:, 1:]
+        x[b, input_ids[b] == pad_id] = torch.stack([embed(torch.tensor(w, device=device)).sum(0) for w in words])
+    logits = llm(inputs_embeds=x, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]  # [B, T-1, V]
+    target = batch["labels"][:, 1:].to(device)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
     exact = ((logits.argmax(-1) == target) | (target == -100)).all(1).float().mean().item()
     return loss, exact
@@ -107,16 +155,26 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restate", default="", help="comma-separated tasks whose answers name the object first")
     p.add_argument("--as_caption", action="store_true", help="the scene as its caption text, not 9 cell vectors")
+    p.add_argument("--questions", type=int, default=1, help="training question/answer turns per scene")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks to train on (all four are scored)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--mimetic", action="store_true", help="key heads start as copies of query heads")
+    p.add_argument("--curriculum", type=int, default=0, help="first this many steps per task, one task at a time")
     args = p.parse_args()
     restate = [t for t in args.restate.split(",") if t]
     if not set(restate) <= {"color", "shape", "position"}:
         p.error(f"--restate takes color, shape, position; got {args.restate!r}")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks or not set(tasks) <= set(TASKS):
+        p.error(f"--tasks takes some of {','.join(TASKS)}; got {args.tasks!r}")
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     llm = Qwen3ForCausalLM(LLMConfig(
         vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
-        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True))
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True)).to(args.device)
+    if args.mimetic:
+        mimetic_init(llm)
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     opt = torch.optim.AdamW(llm.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     train_rng, eval_rng = random.Random(args.seed), random.Random(args.seed + 123)
@@ -126,7 +184,9 @@ def main():
         warm, cosine = min(1.0, step / 50), 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * (0.1 + 0.9 * cosine)
-        batch = make_batch(train_rng, args.batch_size, TASKS, tokenizer, restate, args.as_caption)
+        phase = (step - 1) // args.curriculum if args.curriculum else len(tasks)
+        now = [tasks[phase]] if phase < len(tasks) else tasks
+        batch = make_batch(train_rng, args.batch_size, now, tokenizer, restate, args.as_caption, args.questions)
         loss, _ = loss_and_exact(llm, pad_id, *batch)
         opt.zero_grad()
         loss.backward()

@@ -683,9 +683,10 @@ def assign_paths(samples: list[dict], split: str) -> dict[str, dict]:
 
 
 def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: int | None = None,
-          speak: bool = False) -> dict:
+          speak: bool = False, read_aloud: int | None = None) -> dict:
     """Build ToyWorld into `out`; returns {split: Counter((task, lang))}.
-    speak: spoken answers + the speech codec (dataset/speech_targets.py)."""
+    speak: spoken answers + the speech codec (dataset/speech_targets.py); read_aloud: how many phrases to say back
+    (default READ_ALOUD[size]); the first ones are the same for every count."""
     t0 = time.time()
     langs = [lang for lang in (langs.split(",") if isinstance(langs, str) else langs) if lang]
     if not set(langs) <= {"en", "zh"} or size not in COUNTS:
@@ -704,7 +705,8 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
                 samples[split] += generate(task, lang, n, rng, test, train_signatures if test else set())
         if speak and split == "sft":  # the talker's reading practice (English: the assistant voices are English)
             rng = random.Random(f"toyworld/{stream}/{split}/read_aloud/en")
-            samples[split] += generate("read_aloud", "en", READ_ALOUD[size], rng, False, set())
+            n = READ_ALOUD[size] if read_aloud is None else read_aloud
+            samples[split] += generate("read_aloud", "en", n, rng, False, set())
         if not test:
             train_signatures |= {sig for s in samples[split] for sig in signatures(s)}
         jobs.update(assign_paths(samples[split], split))
@@ -758,9 +760,13 @@ def main() -> None:
     p.add_argument("--langs", default="en", help="comma-separated: en, zh")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
     p.add_argument("--speak", action="store_true", help="spoken answers + the speech codec (dataset/speech_targets.py)")
+    p.add_argument("--read_aloud", type=int, default=None,
+                   help=f"--speak: phrases to say back in the sft split (default {READ_ALOUD['full']} for --size full)")
     args = p.parse_args()
+    if args.read_aloud is not None and (args.read_aloud < 0 or not args.speak):
+        p.error("--read_aloud takes a count >= 0 and goes with --speak")
     try:
-        build(args.out, args.seed, args.size, args.langs, args.workers, args.speak)
+        build(args.out, args.seed, args.size, args.langs, args.workers, args.speak, args.read_aloud)
     except MissingDependency as e:
         raise SystemExit(f"error: {e}")
 

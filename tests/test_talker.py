@@ -238,7 +238,7 @@ def test_old_configs_without_a_talker_load_and_talkers_round_trip(tmp_path):
 def spoken_world(tmp_path_factory):
     from dataset.build_toyworld import build
     out = tmp_path_factory.mktemp("spoken_world")
-    build(str(out), size="small", workers=1, speak=True)
+    build(str(out), size="small", workers=1, speak=True, read_aloud=5)
     return out
 
 
@@ -276,11 +276,10 @@ def test_speak_flag_adds_speech_targets_that_become_talker_batches(spoken_world)
 
 def test_read_aloud_phrases_are_spoken_training_data_without_held_out_combinations(spoken_world):
     from dataset import toyworld_text as T
-    from dataset.build_toyworld import READ_ALOUD
     splits = {split: [json.loads(line) for line in open(spoken_world / f"{split}.jsonl")]
               for split in ("pretrain", "sft", "test")}
     phrases = [s for s in splits["sft"] if s["task"] == "read_aloud"]
-    assert len(phrases) == READ_ALOUD["small"]
+    assert len(phrases) == 5  # the fixture's read_aloud=5
     assert not any(s["task"] == "read_aloud" for split in ("pretrain", "test") for s in splits[split])
     for s in phrases:
         question, reply = s["conversations"]
