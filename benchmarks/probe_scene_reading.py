@@ -27,7 +27,8 @@ shape by colour, position); by-cell questions and counts keep their one-word ans
 a step carries K lookups per scene instead of one; the held-out score stays one question per scene.
 --mimetic: key projections start equal to query projections, so attention first prefers tokens of the same content.
 --tasks: train on some of the four only (all four are scored); --curriculum N: N steps of each task alone, in the
-order of --tasks, then all of them mixed.
+order of --tasks, then all of them mixed; --grow N: N steps of the first task, N of the first two mixed, ... (the
+mixture grows one task at a time), then all of them.
 """
 import argparse
 import math
@@ -160,10 +161,13 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--mimetic", action="store_true", help="key heads start as copies of query heads")
     p.add_argument("--curriculum", type=int, default=0, help="first this many steps per task, one task at a time")
+    p.add_argument("--grow", type=int, default=0, help="first this many steps per task, adding one task at a time")
     args = p.parse_args()
     restate = [t for t in args.restate.split(",") if t]
     if not set(restate) <= {"color", "shape", "position"}:
         p.error(f"--restate takes color, shape, position; got {args.restate!r}")
+    if args.curriculum and args.grow:
+        p.error("--curriculum and --grow are two different schedules: give one")
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks or not set(tasks) <= set(TASKS):
         p.error(f"--tasks takes some of {','.join(TASKS)}; got {args.tasks!r}")
@@ -184,8 +188,8 @@ def main():
         warm, cosine = min(1.0, step / 50), 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * (0.1 + 0.9 * cosine)
-        phase = (step - 1) // args.curriculum if args.curriculum else len(tasks)
-        now = [tasks[phase]] if phase < len(tasks) else tasks
+        phase = (step - 1) // (args.curriculum or args.grow) if args.curriculum or args.grow else len(tasks)
+        now = tasks if phase >= len(tasks) else [tasks[phase]] if args.curriculum else tasks[:phase + 1]
         batch = make_batch(train_rng, args.batch_size, now, tokenizer, restate, args.as_caption, args.questions)
         loss, _ = loss_and_exact(llm, pad_id, *batch)
         opt.zero_grad()
