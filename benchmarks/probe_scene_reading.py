@@ -188,7 +188,8 @@ def main():
         warm, cosine = min(1.0, step / 50), 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * (0.1 + 0.9 * cosine)
-        phase = (step - 1) // (args.curriculum or args.grow) if args.curriculum or args.grow else len(tasks)
+        period = args.curriculum or args.grow
+        phase = (step - 1) // period if period else len(tasks)  # phase k: task k alone (curriculum) / tasks 0..k
         now = tasks if phase >= len(tasks) else [tasks[phase]] if args.curriculum else tasks[:phase + 1]
         batch = make_batch(train_rng, args.batch_size, now, tokenizer, restate, args.as_caption, args.questions)
         loss, _ = loss_and_exact(llm, pad_id, *batch)
