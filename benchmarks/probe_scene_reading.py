@@ -132,7 +132,8 @@ def mimetic_init(llm: Qwen3ForCausalLM):
 
 
 def loss_and_exact(llm, pad_id: int, batch: dict, cells) -> tuple[torch.Tensor, float]:
-    embed, device = llm.get_input_embeddings(), llm.get_input_embeddings().weight.device
+    embed = llm.get_input_embeddings()
+    device = embed.weight.device
     input_ids = batch["input_ids"].to(device)
     x = embed(input_ids)                                                       # [B, T, D]
     for b, words in enumerate(cells):                                          # one fused vector per cell

@@ -692,6 +692,7 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
     if not set(langs) <= {"en", "zh"} or size not in COUNTS:
         raise ValueError(f"langs must be a subset of en,zh (got {langs}); size one of {list(COUNTS)} (got {size})")
     check_tools(langs)
+    phrases = READ_ALOUD[size] if read_aloud is None else read_aloud
     if speak:
         from dataset import speech_targets
     samples, jobs, train_signatures = {}, {}, set()
@@ -705,8 +706,7 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
                 samples[split] += generate(task, lang, n, rng, test, train_signatures if test else set())
         if speak and split == "sft":  # the talker's reading practice (English: the assistant voices are English)
             rng = random.Random(f"toyworld/{stream}/{split}/read_aloud/en")
-            n = READ_ALOUD[size] if read_aloud is None else read_aloud
-            samples[split] += generate("read_aloud", "en", n, rng, False, set())
+            samples[split] += generate("read_aloud", "en", phrases, rng, False, set())
         if not test:
             train_signatures |= {sig for s in samples[split] for sig in signatures(s)}
         jobs.update(assign_paths(samples[split], split))

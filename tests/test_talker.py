@@ -172,6 +172,7 @@ def test_stream_pulls_text_lazily_and_concatenates_to_generate():
     torch.manual_seed(0)
     talker = Talker(tiny_talker_config(max_frames=12), llm_width=32, llm_vocab=VOCAB).eval()
     talker.set_spelling(LetterTokenizer())
+    talker.heads[0] = NeverStop(talker.heads[0], talker.stop)     # speaks all 12 frames: every text chunk is needed
     ids, text, hidden = torch.arange(7), torch.randn(7, 32), torch.randn(7, 32)
     pulled = []
 
