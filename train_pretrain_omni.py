@@ -29,7 +29,7 @@ WARMUP_DATA = [f"{DATA}/pretrain.jsonl", f"{DATA}/sft.jsonl"]  # every image, OC
 STAGES = {
     "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=1, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
-    "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=2e-3, lrs={}),
+    "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={}),  # not 2e-3: README
     "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=1,
                   batch_size=16, lr=2e-3, lrs={}),
     "joint": dict(train="vision,audio,llm,projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr",

@@ -194,3 +194,16 @@ def test_chinese_build(tmp_path):
         assert rate == 16000 and wav.ndim == 1 and np.sqrt(np.mean(wav ** 2)) > 0.02
     ocr = [s for s in pretrain if s["task"] == "ocr" and s["lang"] == "zh"]
     assert ocr and all(s["meta"]["font"] == "wqy-microhei.ttc" and CJK.search(s["meta"]["text"]) for s in ocr)
+
+
+def test_scene_probe_guess_is_a_random_objects_attribute():
+    """The scene probe's reference score: naming the attribute of a random object of the scene (hand-counted)."""
+    from benchmarks.probe_scene_reading import scene_guess
+    objs = [{"color": "red", "shape": "star", "cell": [0, 0]}, {"color": "red", "shape": "circle", "cell": [1, 1]},
+            {"color": "blue", "shape": "star", "cell": [2, 2]}]
+    scene = {"objects": objs}
+    assert scene_guess("color", scene, "Red.") == pytest.approx(2 / 3)
+    assert scene_guess("color", scene, "Green.") == 0.0
+    assert scene_guess("shape", scene, "Circle.") == pytest.approx(1 / 3)
+    assert scene_guess("position", scene, "Bottom right.") == pytest.approx(1 / 3)
+    assert scene_guess("position", scene, "Top.") == 0.0
