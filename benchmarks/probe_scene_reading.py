@@ -125,10 +125,10 @@ def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=
                as_caption=False, questions=1, question_first=False, max_objects=9) -> tuple[dict, list, dict]:
     """-> (collated batch: input_ids / attention_mask / labels [n, T], cell word ids: n x 9 lists, per-question
     facts: "by_cell" whether it names its object by grid cell ("what colour is the shape at the top left?"),
-    "guess" its scene_guess). question_first: the image follows the first question instead of preceding it;
-    max_objects: scenes with more objects are drawn again. as_caption: the
-    image is its caption as TEXT instead (the text warm-up's stand-in), so there are no cell vectors. questions > 1:
-    that many question/answer turns about each scene (the first from ToyWorld's generator, the rest random)."""
+    "guess" its scene_guess). as_caption: the image is its caption as TEXT instead (the text warm-up's stand-in), so
+    there are no cell vectors. questions > 1: that many question/answer turns about each scene (the first from
+    ToyWorld's generator, the rest random). question_first: the image follows the first question instead of
+    preceding it. max_objects: scenes with more objects are drawn again."""
     rows, cells, facts = [], [], {"by_cell": [], "guess": []}
     for i in range(n):
         task = tasks[i % len(tasks)]
@@ -139,8 +139,8 @@ def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=
         facts["guess"].append(scene_guess(task, scene, answer))
         if task in restate:
             answer = restated(task, answer, extra["query"])
-        first = question + "\n<image>" if question_first else "<image>\n" + question
-        turns = [(first, answer)] + more_questions(rng, scene, questions - 1, tasks)
+        opening = question + "\n<image>" if question_first else "<image>\n" + question
+        turns = [(opening, answer)] + more_questions(rng, scene, questions - 1, tasks)
         sample = {"conversations": [{"role": role, "content": text} for q, a in turns
                                     for role, text in (("user", q), ("assistant", a))]}
         image = T.caption("en", scene["objects"]) if as_caption else IMAGE_PAD * CELLS
