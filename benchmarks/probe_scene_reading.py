@@ -59,6 +59,7 @@ from model.model_omni import IMAGE_END, IMAGE_PAD, IMAGE_START
 
 TASKS = ["color", "shape", "count", "position"]
 CELLS = 9
+HELD_OUT = 200  # fresh scenes per task
 
 
 def cell_words(scene: dict) -> list[list[str]]:
@@ -122,7 +123,7 @@ def scene_guess(task: str, scene: dict, answer: str) -> float:
 
 
 def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=(),
-               as_caption=False, questions=1, question_first=False, max_objects=9) -> tuple[dict, list, dict]:
+               as_caption=False, questions=1, question_first=False, max_objects=CELLS) -> tuple[dict, list, dict]:
     """-> (collated batch: input_ids / attention_mask / labels [n, T], cell word ids: n x 9 lists, per-question
     facts: "by_cell" whether it names its object by grid cell ("what colour is the shape at the top left?"),
     "guess" its scene_guess). as_caption: the image is its caption as TEXT instead (the text warm-up's stand-in), so
@@ -206,7 +207,7 @@ def main():
     p.add_argument("--grow", type=int, default=0, help="first this many steps per task, adding one task at a time")
     p.add_argument("--first", default="", help="comma-separated tasks that the first --first_steps steps train on")
     p.add_argument("--first_steps", type=int, default=0)
-    p.add_argument("--few", type=int, default=9, help="scenes of at most this many objects in the first --few_steps")
+    p.add_argument("--few", type=int, default=CELLS, help="most objects per scene in the first --few_steps")
     p.add_argument("--few_steps", type=int, default=0)
     args = p.parse_args()
     restate = [t for t in args.restate.split(",") if t]
@@ -231,9 +232,9 @@ def main():
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     opt = torch.optim.AdamW(llm.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     train_rng, eval_rng = random.Random(args.seed), random.Random(args.seed + 123)
-    held_out = {task: make_batch(eval_rng, 200, [task], tokenizer, restate, args.as_caption,
+    held_out = {task: make_batch(eval_rng, HELD_OUT, [task], tokenizer, restate, args.as_caption,
                                  question_first=args.question_first) for task in TASKS}
-    print("a random object of the scene: " + " ".join(f"{task} {sum(held_out[task][2]['guess']) / 200:.2f}"
+    print("a random object of the scene: " + " ".join(f"{task} {sum(held_out[task][2]['guess']) / HELD_OUT:.2f}"
                                                       for task in GUESSED))
     t0 = time.time()
     for step in range(1, args.steps + 1):
@@ -246,7 +247,7 @@ def main():
         if step <= args.first_steps:
             now = first
         batch = make_batch(train_rng, args.batch_size, now, tokenizer, restate, args.as_caption, args.questions,
-                           args.question_first, args.few if step <= args.few_steps else 9)
+                           args.question_first, args.few if step <= args.few_steps else CELLS)
         loss, _ = loss_and_exact(llm, pad_id, *batch[:2])
         opt.zero_grad()
         loss.backward()
