@@ -8,19 +8,21 @@ checkpoints (trainable weights only: everything frozen is rebuilt from --init, o
 """
 import json
 import os
+import random
 from functools import partial
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from dataset.chat import MARKERS, tokenize_conversation
+from dataset.build_toyworld import ASK
+from dataset.chat import MARKERS, slot_standin_ids, tokenize_conversation
 from dataset.media import audio_features, image_to_tensor, load_image, read_video
 from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
 from dataset.tokenizer import load_tokenizer
-from dataset.toyworld_text import describe_media
+from dataset.toyworld_text import describe_media, scene_slots
 from model.lora import apply_lora, merge_lora
-from model.model_omni import (AUDIO_END, AUDIO_START, IMAGE_END, IMAGE_START, VIDEO_END, VIDEO_START, OmniConfig,
-                              OmniModel)
+from model.model_omni import (AUDIO_END, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END, VIDEO_START,
+                              OmniConfig, OmniModel)
 from model.warmup_heads import CELL_FIELDS
 from trainer import cleanup_distributed, is_main
 
@@ -39,6 +41,8 @@ def add_model_args(parser, data: list[str], tasks: str = ""):
     g.add_argument("--data", nargs="+", default=data, help="training jsonl files")
     g.add_argument("--tasks", default=tasks, help="comma-separated task filter on the samples' 'task' field")
     g.add_argument("--max_length", type=int, default=1024)
+    g.add_argument("--standin_weight", type=float, default=1.0,
+                   help="weight of the stand-in loss: ToyWorld image slots pulled towards their cells' words (0 = off)")
     g.add_argument("--train", default="", help="comma-separated components that train: vision,audio,llm,resampler,"
                                                 "audio_projector (projectors = both projectors)")
     return parser
@@ -69,6 +73,7 @@ def build_model(args) -> tuple[OmniModel, object]:
     if len(tokenizer) > model.config.llm.vocab_size:
         raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the LLM only {model.config.llm.vocab_size} rows")
     model.config.set_token_ids(tokenizer)
+    model.standin_weight = args.standin_weight
     return model, tokenizer
 
 
@@ -115,7 +120,7 @@ def omni_data(args, config, tokenizer, codec=None):
     tasks = set(filter(None, args.tasks.split(",")))
     parts, lengths = [], []
     for path in args.data:
-        full = OmniDataset(path, tokenizer, config, args.max_length, codec=codec)
+        full = OmniDataset(path, tokenizer, config, args.max_length, codec=codec, standins=args.standin_weight > 0)
         keep = _task_filter(full, tasks)
         parts.append(Subset(full, keep))
         lengths += [full.lengths[i] for i in keep]
@@ -135,32 +140,56 @@ def jsonl_samples(paths: list[str]):
 STANDIN_WRAP = {"image": (IMAGE_START, IMAGE_END), "audio": (AUDIO_START, AUDIO_END), "video": (VIDEO_START, VIDEO_END)}
 
 
-def standin_expansions(sample: dict) -> dict[str, list[str]] | None:
-    """Media markers -> their text stand-ins between the medium's start/end tokens (None without ToyWorld truth)."""
+def standin_expansions(sample: dict, query_num: int) -> tuple[dict[str, list[str]], list[list[str]] | None] | None:
+    """Media markers -> (their stand-ins between the medium's start/end tokens, the scenes' slot texts), or None
+    without ToyWorld truth. A scene becomes query_num image pads standing for its cells' words (one cell per
+    slot: toyworld_text.scene_slots, chat.slot_standin_ids), the slots `align` then teaches the resampler to fill;
+    rendered text, speech and clips become text (toyworld_text.describe_media)."""
     described = describe_media(sample)
     if described is None:
         return None
-    return {kind: [STANDIN_WRAP[kind][0] + text + STANDIN_WRAP[kind][1] for text in texts]
-            for kind, texts in described.items()}
+    slots = scene_slots(sample)
+    if slots and len(slots[0]) <= query_num:
+        described["image"] = [IMAGE_PAD * query_num] * len(slots)
+    else:
+        slots = None
+    return ({kind: [STANDIN_WRAP[kind][0] + text + STANDIN_WRAP[kind][1] for text in texts]
+             for kind, texts in described.items()}, slots)
+
+
+def generated_scene_questions(n: int, seed: int) -> list[dict]:
+    """n colour / shape / count / position questions (in turn) on fresh scenes from ToyWorld's own generators,
+    as samples whose scene is never rendered: text warm-up material beyond the dataset's ~1,200 such questions."""
+    rng, tasks = random.Random(seed), list(ASK)
+    samples = []
+    for i in range(n):
+        scene, question, answer, extra = ASK[tasks[i % len(tasks)]](rng, "en")
+        samples.append({"task": tasks[i % len(tasks)], "lang": "en", "images": ["(not rendered)"],
+                        "meta": {"scene": scene, "query": extra["query"]},
+                        "conversations": [{"role": "user", "content": "<image>\n" + question},
+                                          {"role": "assistant", "content": answer}]})
+    return samples
 
 
 class TextDataset(Dataset):
     """The LLM's warm-up on ToyWorld language, as a real LLM arrives knowing its language: the conversations with
-    each media item replaced by a text stand-in (a scene by its caption, speech by its transcript, ...; see
-    toyworld_text.describe_media) between the media's start/end tokens. So the LLM first learns to answer from a
-    DESCRIPTION in its context, and `align` then only has to make the media embeddings read like one. Samples
-    without ToyWorld ground truth get their media markers removed; those left without a question are dropped."""
+    each medium replaced by a stand-in (standin_expansions: a scene by its cells' words, one vector per image
+    slot; speech by its transcript, ...), plus `scene_questions` generated scene questions. So the LLM first
+    learns to answer from a DESCRIPTION in its context, and `align` then only has to make the media embeddings
+    read like one. Samples without ToyWorld ground truth get their media markers removed; those left without a
+    question are dropped."""
 
-    def __init__(self, paths: list[str], tokenizer):
+    def __init__(self, paths: list[str], tokenizer, query_num: int, scene_questions: int = 0, seed: int = 0):
         self.tokenizer, self.samples = tokenizer, []
-        for _, sample in jsonl_samples(paths):
-            expansions = standin_expansions(sample)
-            if expansions is None:
+        samples = [sample for _, sample in jsonl_samples(paths)] + generated_scene_questions(scene_questions, seed)
+        for sample in samples:
+            standins = standin_expansions(sample, query_num)
+            if standins is None:
                 turns = [dict(t, content=self._strip(t["content"])) for t in sample["conversations"]]
                 if not all(t["content"] for t in turns):
                     continue
-                sample, expansions = dict(sample, conversations=turns), {}
-            self.samples.append((sample, expansions))
+                sample, standins = dict(sample, conversations=turns), ({}, None)
+            self.samples.append((sample, *standins))
 
     @staticmethod
     def _strip(text: str) -> str:
@@ -172,17 +201,20 @@ class TextDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        sample, expansions = self.samples[i]
+        sample, expansions, slots = self.samples[i]
         input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)
-        return {"input_ids": input_ids, "labels": labels}
+        standin_ids = slot_standin_ids(input_ids, self.tokenizer, slots) if slots else None
+        return {"input_ids": input_ids, "labels": labels} | ({} if standin_ids is None else {"standin_ids": standin_ids})
 
 
-def text_data(args, tokenizer):
-    dataset = TextDataset(args.data, tokenizer)
+def text_data(args, tokenizer, query_num: int):
+    dataset = TextDataset(args.data, tokenizer, query_num, args.scene_questions, args.seed)
     lengths = [sum(len(t["content"]) for t in s["conversations"]) + sum(len(e) for es in x.values() for e in es)
-               for s, x in dataset.samples]
+               for s, x, _ in dataset.samples]
+    # mega_batches=1: plain shuffled batches. Grouping by length would sort the generated questions into batches of
+    # one question type, and the LLM then swings between types instead of learning the lookups.
     return (dataset, partial(collate, pad_id=tokenizer.pad_token_id),
-            partial(length_grouped_batches, lengths, args.batch_size, args.seed))
+            partial(length_grouped_batches, lengths, args.batch_size, args.seed, mega_batches=1))
 
 
 # ----------------------------------------------------------------------------- warm-up data (ToyWorld ground truth)

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=list(STAGES), default="align")
     defaults = dict(STAGES[stage])
     add_model_args(parser, data=defaults.pop("data"), tasks=defaults.pop("tasks"))
+    parser.add_argument("--scene_questions", type=int, default=0,
+                        help="text stage: this many generated scene questions on top of --data (see README)")
     add_common_args(parser)
     lrs = defaults.pop("lrs")
     parser.set_defaults(out=f"out/{stage}", warmup_ratio=0.05, **defaults)
@@ -66,7 +68,7 @@ def main(argv=None):
                else AudioWarmup(model.audio_tower, len(chars)))
         data = warmup_data(args, args.stage, model.config, chars)
     elif args.stage == "text":
-        net, data = model, text_data(args, tokenizer)
+        net, data = model, text_data(args, tokenizer, model.config.query_num)
     else:
         net, data = model, omni_data(args, model.config, tokenizer)
     print(f"stage {args.stage}: training {model.trainable_components()}, {len(data[0])} samples")

@@ -62,14 +62,6 @@ CELLS = 9
 HELD_OUT = 200  # fresh scenes per task
 
 
-def cell_words(scene: dict) -> list[list[str]]:
-    """The words of each grid cell: its position ("top left"), then its object's colour, shape and size."""
-    words = [T.POSITIONS[c][0].split() for c in range(CELLS)]
-    for o in scene["objects"]:
-        words[B.cell_index(o)] += [o["color"], o["shape"], o["size"]]
-    return words
-
-
 def restated(task: str, answer: str, query: dict) -> str:
     """'Red.' -> 'The star is red.' for a question that named its object (see --restate)."""
     word = answer.rstrip(".").lower()
@@ -148,8 +140,8 @@ def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=
         input_ids, labels = tokenize_conversation(sample, tokenizer, {"image": [IMAGE_START + image + IMAGE_END]})
         rows.append({"input_ids": input_ids, "labels": labels})
         if not as_caption:
-            cells.append([tokenizer(" " + " ".join(w), add_special_tokens=False)["input_ids"]
-                          for w in cell_words(scene)])
+            cells.append([tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+                          for text in T.cell_texts("en", scene["objects"])])
     return collate(rows, tokenizer.pad_token_id), cells, facts
 
 

@@ -140,6 +140,25 @@ def tokenize_conversation(sample: dict, tokenizer, media_expansions: dict[str, l
     return input_ids, labels
 
 
+def slot_standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]]) -> torch.Tensor | None:
+    """[T] ids + per image its slot texts (toyworld_text.scene_slots) -> Long[T, W]: the word ids each image pad
+    row stands for, -1 elsewhere and as padding. Each image's pad rows take its slot texts in order; rows beyond
+    them stand for the pad token itself. None when the pads do not split evenly into one block per image with
+    room for every slot (e.g. an image that was sliced): such a sample simply has no stand-in."""
+    pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    rows = torch.nonzero(input_ids == pad).flatten()                              # [n_pads]
+    per_image = len(rows) // max(len(slots), 1)
+    if not slots or per_image * len(slots) != len(rows) or any(len(s) > per_image for s in slots):
+        return None
+    words = {int(rows[k * per_image + j]): tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+             for k, texts in enumerate(slots) for j, text in enumerate(texts)}     # pad row -> its word ids
+    out = torch.full((len(input_ids), max(map(len, words.values()))), -1, dtype=torch.long)  # [T, W]
+    out[rows, 0] = pad
+    for row, ids in words.items():
+        out[row, :len(ids)] = torch.tensor(ids)
+    return out
+
+
 def build_prompt(messages: list[dict], tokenizer, enable_thinking: bool = False,
                  media_expansions: dict[str, list[str]] | None = None) -> list[int]:
     """Token ids of the inference prompt (markers expanded like in training) that ends in the assistant header."""

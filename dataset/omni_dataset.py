@@ -5,6 +5,8 @@ are found when the file is read; problems only loading can reveal (missing or un
 mismatch, too long) are found in __getitem__, which then returns None and the collate drops the sample.
 Every skip is counted by reason in `dataset.skipped` and warned with file:line; `strict=True` raises instead.
 Speech targets (an assistant turn's "speech" wav) become talker codes when the dataset is given the talker's codec.
+With standins=True, ToyWorld scenes also carry the word ids their image slots stand for (chat.slot_standin_ids),
+the target of the stand-in loss (OmniModel.standin_loss).
 (With DataLoader workers, load-time skips are counted in the workers' copies; the warnings still show them.)
 """
 import json
@@ -17,16 +19,18 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.chat import (IGNORE_INDEX, MARKERS, SampleError, conversation_messages, count_markers,
-                          tokenize_conversation)
+                          slot_standin_ids, tokenize_conversation)
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
+from dataset.toyworld_text import scene_slots
 
 MEDIA_KEYS = {"image": "images", "audio": "audios", "video": "videos"}
 
 
 class OmniDataset(Dataset):
     def __init__(self, jsonl_path: str, tokenizer, config, max_length: int = 2048, strict: bool = False,
-                 codec=None):
+                 codec=None, standins: bool = False):
         self.path, self.root = jsonl_path, os.path.dirname(os.path.abspath(jsonl_path))
+        self.standins = standins
         self.codec = codec if getattr(config, "talker", None) is not None else None  # None: speech targets unused
         self.tokenizer, self.config, self.max_length, self.strict = tokenizer, config, max_length, strict
         self.skipped = Counter()
@@ -153,6 +157,10 @@ class OmniDataset(Dataset):
         if len(input_ids) > self.max_length:
             raise SampleError("too_long", f"{len(input_ids)} tokens > max_length {self.max_length}")
         speech = self._speech(sample["conversations"][-1], input_ids, labels) if self.codec is not None else {}
+        slots = scene_slots(sample) if self.standins else None
+        standin = slot_standin_ids(input_ids, self.tokenizer, slots) if slots else None
+        if standin is not None:
+            out["standin_ids"] = standin
         return dict(out, **speech, input_ids=input_ids, labels=labels)
 
     def _speech(self, turn: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -213,6 +221,13 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
         parts = [s[key] for s in samples if key in s]
         if parts:
             batch[key] = torch.cat(parts)
+    standins = [s.get("standin_ids") for s in samples]
+    if any(x is not None for x in standins):                                   # [B, T, Wmax], -1 = no word
+        batch["standin_ids"] = torch.full((B, T, max(x.shape[1] for x in standins if x is not None)), -1,
+                                          dtype=torch.long)
+        for b, x in enumerate(standins):
+            if x is not None:
+                batch["standin_ids"][b, :x.shape[0], :x.shape[1]] = x
     spoken = [s["speech_codes"] for s in samples if "speech_codes" in s]
     if spoken:  # rows without a speech target keep speech_lens 0
         batch["speech_codes"] = torch.zeros(B, spoken[0].shape[0], max(c.shape[1] for c in spoken),
@@ -234,7 +249,10 @@ def left_pad(batch: dict) -> dict:
     mask = batch["attention_mask"]
     shifts = mask.shape[1] - mask.sum(1)
     idx = (torch.arange(mask.shape[1], device=mask.device)[None] - shifts[:, None]) % mask.shape[1]  # [B, T]
-    return dict(batch, input_ids=batch["input_ids"].gather(1, idx), attention_mask=mask.gather(1, idx))
+    out = dict(batch, input_ids=batch["input_ids"].gather(1, idx), attention_mask=mask.gather(1, idx))
+    if "standin_ids" in batch:
+        out["standin_ids"] = batch["standin_ids"].gather(1, idx[..., None].expand_as(batch["standin_ids"]))
+    return out
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,

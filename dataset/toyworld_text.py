@@ -315,6 +315,26 @@ def think_neighbor(lang: str, step: tuple[int, int], anchor: dict, other: dict) 
 # ---------------------------------------------------------------------------------------------------------------------
 # Media as text: what each image / clip / audio of a sample shows, for the LLM's text-only warm-up
 # ---------------------------------------------------------------------------------------------------------------------
+def cell_texts(lang: str, objects: list[dict]) -> list[str]:
+    """The 9 grid cells of a scene, row-major, each as its words: its position, then its object's colour, shape
+    and size ('top left red circle large'; an empty cell is just 'center'). One cell = one image slot of the
+    text warm-up and the target of `align`'s stand-in loss (see OmniModel.embed_inputs)."""
+    cells = [[p[0] if lang == "en" else p[2]] for p in POSITIONS]
+    for o in objects:
+        cells[o["cell"][0] * 3 + o["cell"][1]] += ([o["color"], o["shape"], o["size"]] if lang == "en" else
+                                                   [COLORS[o["color"]][1], SHAPES[o["shape"]][1], SIZES[o["size"]]])
+    return [" ".join(words) for words in cells]
+
+
+def scene_slots(sample: dict) -> list[list[str]] | None:
+    """Per image of a ToyWorld sample, cell_texts of its scene; None unless every image is a scene."""
+    meta, lang = sample.get("meta") or {}, sample.get("lang", "en")
+    scenes = meta.get("scenes") or ([meta["scene"]] if "scene" in meta else [])
+    if not scenes or len(scenes) != len(sample.get("images") or []):
+        return None
+    return [cell_texts(lang, sc["objects"]) for sc in scenes]
+
+
 def describe_media(sample: dict) -> dict[str, list[str]] | None:
     """{"image": [...], "audio": [...], "video": [...]} text stand-ins for a ToyWorld sample's media, in order
     (None when the sample carries no ToyWorld ground truth). A scene reads as its caption, rendered text as itself,

@@ -248,6 +248,7 @@ class MediaInputs:
     video_group_sizes: torch.Tensor | None = None   # [N_groups]
     audio_features: torch.Tensor | None = None      # [N_chunks, 80, T]
     audio_feature_lens: torch.Tensor | None = None  # [N_chunks]
+    standin_ids: torch.Tensor | None = None         # [B, T, W] word ids a row stands for, -1 = none (see embed_inputs)
 
 
 class OmniModel(nn.Module):
@@ -271,6 +272,7 @@ class OmniModel(nn.Module):
         self.talker = Talker(config.talker, width, config.llm.vocab_size) if config.talker else None
         self.codec = None          # the talker's codec (model/codec.py); loaded with the checkpoint when saved in it
         self.speech_weight = 1.0   # loss = text loss + speech_weight * talker loss (train_sft_omni.py --speech_weight)
+        self.standin_weight = 0.0  # + standin_weight * stand-in loss (stage scripts' --standin_weight)
 
     def add_talker(self, config: TalkerConfig) -> "OmniModel":
         """Give a text-only model a freshly initialised talker (its config is saved with the checkpoint)."""
@@ -292,9 +294,22 @@ class OmniModel(nn.Module):
         states, mask = self.audio_tower(features, lens)          # [N, T', Da], [N, T']
         return self.audio_projector(states, mask)                # [n_tokens, D]
 
+    def embed_standins(self, standin_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T, W] word ids -> ([B, T, D] the sum of their embeddings, Bool[B, T] rows that have words).
+        A ToyWorld image slot described by its cell's words ('top left red circle large') as ONE vector: what the
+        text warm-up reads in place of an image, and what `align` pulls the resampler's slots towards."""
+        has_word = standin_ids >= 0
+        words = self.llm.get_input_embeddings()(standin_ids.clamp(min=0))          # [B, T, W, D]
+        return (words * has_word.unsqueeze(-1)).sum(2), has_word.any(-1)
+
     def embed_inputs(self, input_ids: torch.Tensor, media: MediaInputs) -> torch.Tensor:
-        """[B, T] ids -> [B, T, D] embeddings with every placeholder row replaced by its media embedding."""
+        """[B, T] ids -> [B, T, D] embeddings with every placeholder row replaced by its media embedding, or by
+        its word stand-in (embed_standins) where the batch gives stand-ins but not the medium itself."""
         embeds = self.llm.get_input_embeddings()(input_ids)      # [B, T, D]
+        described = torch.zeros_like(input_ids, dtype=torch.bool)
+        if media.standin_ids is not None:
+            standins, described = self.embed_standins(media.standin_ids)
+            embeds = torch.where(described.unsqueeze(-1), standins, embeds)
         cfg = self.config
         branches = [
             ("image", cfg.image_pad_id, media.pixel_values,
@@ -309,7 +324,7 @@ class OmniModel(nn.Module):
             is_pad = input_ids == pad_id                          # [B, T]
             n_pads = int(is_pad.sum())
             if data is None:
-                if n_pads:
+                if n_pads and not described[is_pad].all():
                     raise ValueError(f"batch has {n_pads} {kind} placeholder tokens but no {kind} inputs")
                 continue
             feats = encode().reshape(-1, embeds.shape[-1])        # [n_media_tokens, D]
@@ -330,10 +345,24 @@ class OmniModel(nn.Module):
         params = [p for m in unused for p in m.parameters() if p.requires_grad]
         return sum((p.sum() * 0.0 for p in params), torch.zeros(()))
 
+    def standin_loss(self, input_ids: torch.Tensor, embeds: torch.Tensor, media: MediaInputs) -> torch.Tensor | None:
+        """Squared distance between the image embeddings and their word stand-ins, relative to the stand-ins' size,
+        over the image rows that have both (None if none): makes the resampler's slots read like the cell
+        descriptions the LLM learned to answer from. The stand-ins are targets only (detached)."""
+        if media.standin_ids is None or media.pixel_values is None:
+            return None
+        standins, described = self.embed_standins(media.standin_ids)
+        rows = described & (input_ids == self.config.image_pad_id)                   # [B, T]
+        if not rows.any():
+            return None
+        target = standins[rows].detach().float()                                     # [N, D]
+        return ((embeds[rows].float() - target) ** 2).sum(-1).mean() / (target ** 2).sum(-1).mean()
+
     def forward(self, input_ids, attention_mask=None, labels=None, speech_codes=None, speech_lens=None,
                 speech_voices=None, speech_text_mask=None, **media) -> dict:
         """Next-token loss over labelled positions only; logits are computed only where labels exist.
-        With speech targets (speech_*: see speech_loss) the talker's loss is added, times speech_weight."""
+        With speech targets (speech_*: see speech_loss) the talker's loss is added, times speech_weight; with
+        images and their word stand-ins, the stand-in loss (standin_loss), times standin_weight."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)
         hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none").hidden_states
@@ -344,6 +373,10 @@ class OmniModel(nn.Module):
         keep = targets != -100                                    # [B, T-1]
         logits = self.llm.lm_head(hidden[:, :-1][keep])           # [N, V] only at labelled positions
         loss = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else hidden.sum() * 0.0
+        standin_loss = self.standin_loss(input_ids, embeds, media) if self.standin_weight else None
+        if standin_loss is not None:
+            out["standin_loss"] = standin_loss
+            loss = loss + self.standin_weight * standin_loss
         spoke = self.talker is not None and speech_lens is not None and bool((speech_lens > 0).any())
         if spoke:
             out["speech_loss"] = self.speech_loss(input_ids, hidden, speech_codes, speech_lens, speech_voices,

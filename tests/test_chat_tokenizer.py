@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from dataset.chat import IGNORE_INDEX, SampleError, build_prompt, tokenize_conversation
+from dataset.chat import IGNORE_INDEX, SampleError, build_prompt, slot_standin_ids, tokenize_conversation
+from dataset.omni_dataset import collate, left_pad
 from dataset.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from model.model_omni import IMAGE_PAD, OmniConfig
 
@@ -100,6 +101,40 @@ def test_media_expansion_and_mismatches(tok):
                         ({"conversations": "hi"}, "bad_structure")]:
         with pytest.raises(SampleError, match=reason):
             tokenize_conversation(bad, tok)
+
+
+def test_slot_standins_follow_the_image_pads(tok):
+    """Two images of 3 pads each, 2 slot texts each: per image, its pads take its texts in order, the rest stand
+    for the pad itself; uneven pads (a sliced image) give no stand-in. collate pads W with -1 and left_pad moves
+    the stand-ins with their tokens."""
+    two = {"conversations": [{"role": "user", "content": "<image><image>\nWhat colour is the circle?"},
+                             {"role": "assistant", "content": "red"}], "images": ["a.png", "b.png"]}
+    block = "<image>" + IMAGE_PAD * 3 + "</image>"
+    ids, _ = tokenize_conversation(two, tok, {"image": [block, block]})
+    slots = [["red circle", "colour"], ["the", "circle is red"]]
+    out = slot_standin_ids(ids, tok, slots)
+    pad = tok.convert_tokens_to_ids(IMAGE_PAD)
+    rows = torch.nonzero(ids == pad).flatten()
+    words = [tok(" " + t, add_special_tokens=False)["input_ids"] for t in ("red circle", "colour", "the",
+                                                                           "circle is red")]
+    expected = [words[0], words[1], [pad], words[2], words[3], [pad]]
+    assert [[i for i in out[r].tolist() if i >= 0] for r in rows] == expected
+    others = torch.ones(len(ids), dtype=torch.bool)
+    others[rows] = False
+    assert (out[others] == -1).all()
+    assert slot_standin_ids(ids, tok, [["a"], ["b"], ["c"], ["d"]]) is None     # 6 pads do not split into 4 blocks
+    assert slot_standin_ids(ids, tok, [["a", "b", "c", "d"], ["e"]]) is None    # more slots than pads
+    short = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}
+    short_ids, short_labels = tokenize_conversation(short, tok)
+    batch = left_pad(collate([{"input_ids": short_ids, "labels": short_labels},
+                              {"input_ids": ids, "labels": ids, "standin_ids": out}], tok.pad_token_id))
+    assert batch["standin_ids"].shape == (2, len(ids), out.shape[1]) and (batch["standin_ids"][0] == -1).all()
+    assert torch.equal(batch["standin_ids"][1], out)                               # the longest row does not move
+    batch = left_pad(collate([{"input_ids": ids, "labels": ids, "standin_ids": out},
+                              {"input_ids": torch.cat([ids, ids[-3:]]), "labels": torch.cat([ids, ids[-3:]])}],
+                             tok.pad_token_id))
+    assert torch.equal(batch["standin_ids"][0, 3:], out) and (batch["standin_ids"][0, :3] == -1).all()
+    assert torch.equal(batch["input_ids"][0, 3:], ids)
 
 
 @pytest.mark.skipif(qwen3_tokenizer_dir() is None,

@@ -136,6 +136,66 @@ def test_media_rows_are_spliced_at_placeholders():
     assert torch.equal(embeds[0, is_text], text[is_text])
 
 
+def standin_batch(cfg):
+    """make_batch without audio, the first image slice's rows standing for words: row k -> ids [k+1, k+2] for
+    k < 3, the last row -> [9]; the second slice has no stand-in."""
+    batch = make_batch(cfg, with_audio=False)
+    standin = torch.full((*batch["input_ids"].shape, 2), -1)
+    rows = torch.nonzero(batch["input_ids"][0] == cfg.image_pad_id).flatten()[:cfg.query_num]
+    for k, row in enumerate(rows[:3]):
+        standin[0, row] = torch.tensor([k + 1, k + 2])
+    standin[0, rows[3], 0] = 9
+    return dict(batch, standin_ids=standin), rows
+
+
+def test_standins_fill_image_rows_with_the_sum_of_their_word_embeddings():
+    """Without images (the text warm-up), a stand-in row is the sum of its words' embeddings; other rows keep
+    their own token's. Pads without images and without stand-ins still raise."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).eval()
+    batch, rows = standin_batch(cfg)
+    del batch["pixel_values"], batch["image_grid_hw"]
+    with pytest.raises(ValueError, match="image placeholder tokens but no image inputs"):
+        model(**batch)                                  # the second slice's pads stand for nothing
+    batch["input_ids"] = batch["input_ids"].clone()
+    batch["input_ids"][0, rows[-1] + 1:rows[-1] + 1 + cfg.query_num] = 5
+    embeds = model.embed_inputs(batch["input_ids"], media_of(batch))
+    table = model.llm.get_input_embeddings().weight
+    expected = torch.stack([table[1] + table[2], table[2] + table[3], table[3] + table[4], table[9]])
+    assert torch.allclose(embeds[0, rows], expected)
+    others = torch.ones_like(batch["input_ids"][0], dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(embeds[0, others], table[batch["input_ids"][0, others]])
+
+
+def test_standin_loss_pulls_the_resampler_not_the_words():
+    """With images, the image rows are the resampler's; standin_loss = |image - words|^2 / |words|^2 over the rows
+    with stand-ins (hand-computed), its gradient reaches the resampler but not the word embeddings."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).train()
+    batch, rows = standin_batch(cfg)
+    media = media_of(batch)
+    images = model.embed_images(batch["pixel_values"], batch["image_grid_hw"])[0]   # [Q, D] first slice
+    table = model.llm.get_input_embeddings().weight
+    words = torch.stack([table[1] + table[2], table[2] + table[3], table[3] + table[4], table[9]])
+    expected = ((images - words) ** 2).sum(-1).mean() / (words ** 2).sum(-1).mean()
+    embeds = model.embed_inputs(batch["input_ids"], media)
+    loss = model.standin_loss(batch["input_ids"], embeds, media)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    model.zero_grad()
+    loss.backward()
+    assert model.resampler.query.grad.abs().sum() > 0 and (table.grad is None or not table.grad.any())
+    model.standin_weight = 0.5
+    labels = batch["input_ids"].clone()
+    out = model(**batch, labels=labels)
+    assert torch.allclose(out["standin_loss"], expected, atol=1e-6)
+    model.standin_weight = 0.0
+    plain = model(**batch, labels=labels)
+    assert "standin_loss" not in plain and torch.allclose(out["loss"], plain["loss"] + 0.5 * expected, atol=1e-5)
+
+
 def test_loss_ignores_minus_100_labels():
     torch.manual_seed(0)
     cfg = tiny_config()

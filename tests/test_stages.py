@@ -19,6 +19,7 @@ import train_sft_omni
 from dataset.build_toyworld import build
 from model.model_omni import OmniModel
 from dataset.tokenizer import load_tokenizer
+from dataset.toyworld_text import cell_texts
 from stage_utils import TextDataset, build_model, omni_data, set_trainable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,13 +75,20 @@ def test_each_stage_trains_only_its_components(chain):
         prev = stage
 
 
+def slot_words(tokenizer, standin_ids: torch.Tensor) -> list[str]:
+    """[T, W] stand-in ids -> the words of every row that has any ('top left red circle large', ...)."""
+    return [tokenizer.decode([i for i in row.tolist() if i >= 0]).strip() for row in standin_ids
+            if (row >= 0).any()]
+
+
 def test_text_warmup_reads_media_as_their_ground_truth(world):
-    """The text stage replaces each medium by what it shows, between that medium's start/end tokens; answers stay
-    the only trained tokens. Checked against the jsonl's own ground truth for every family."""
+    """The text stage replaces each medium by what it shows: a scene by one slot per grid cell holding that cell's
+    words, the other media by text between their start/end tokens; answers stay the only trained tokens. Checked
+    against the jsonl's own ground truth for every family."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
-    dataset = TextDataset([str(world / "sft.jsonl")], tokenizer)
+    dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, query_num=16)
     seen = set()
-    for (sample, _), i in zip(dataset.samples, range(len(dataset))):
+    for (sample, *_), i in zip(dataset.samples, range(len(dataset))):
         item = dataset[i]
         text = tokenizer.decode(item["input_ids"])
         meta, task = sample["meta"], sample["task"]
@@ -89,26 +97,55 @@ def test_text_warmup_reads_media_as_their_ground_truth(world):
             assert f"<|audio_start|>{meta['transcript']}<|audio_end|>" in text
         elif task == "ocr":
             assert f"<image>{meta['text']}</image>" in text
-        elif task == "multi_image":
-            assert text.count("<image>") == 2 and text.count("</image>") == 2
         elif task == "video":
             assert "<video>" in text and meta["object"]["shape"] in text.split("</video>")[0]
-        else:  # one scene: every object of its ground truth is named inside the image span
-            image_span = text.split("<image>")[1].split("</image>")[0]
-            assert all(f"{o['color']} {o['shape']}" in image_span for o in meta["scene"]["objects"])
-        assert "<|image_pad|>" not in text and "<|audio_pad|>" not in text
+        else:  # scenes: 16 slots per image, the first 9 its cells' words, the rest the pad itself
+            scenes = meta.get("scenes") or [meta["scene"]]
+            assert text.count("<image>" + "<|image_pad|>" * 16 + "</image>") == len(scenes)
+            words = slot_words(tokenizer, item["standin_ids"])
+            assert len(words) == 16 * len(scenes)
+            for k, scene in enumerate(scenes):
+                cells = words[16 * k:16 * k + 9]
+                assert words[16 * k + 9:16 * (k + 1)] == ["<|image_pad|>"] * 7
+                for o in scene["objects"]:
+                    assert cells[o["cell"][0] * 3 + o["cell"][1]].endswith(f"{o['color']} {o['shape']} {o['size']}")
+                assert sum(len(c.split()) > 2 for c in cells) == len(scene["objects"])  # empty cells: position only
+        assert "<|audio_pad|>" not in text
         answer = tokenizer.decode(item["labels"][item["labels"] >= 0])
         assert answer.endswith(sample["conversations"][-1]["content"].split("</think>")[-1].strip() + "<|im_end|>")
     assert seen >= {"asr", "ocr", "multi_image", "video", "color", "audio_qa"}
 
 
+def test_text_warmup_adds_generated_scene_questions(world):
+    """--scene_questions N: N more samples, the four scene families in turn, drawn again identically from a seed,
+    each scene as its cells' words; a count answer is the scene's own count of what was asked."""
+    tokenizer = load_tokenizer(str(world / "tokenizer"))
+    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, 16))
+    extra = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=8, seed=3).samples[base:]
+    assert [s["task"] for s, *_ in extra] == ["color", "shape", "count", "position"] * 2
+    again = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=8, seed=3).samples[base:]
+    assert [s["conversations"] for s, *_ in again] == [s["conversations"] for s, *_ in extra]
+    for sample, _, slots in extra:
+        assert slots == [cell_texts("en", sample["meta"]["scene"]["objects"])]
+        if sample["task"] == "count":  # the answer counts the objects that match what was asked
+            query, objs = sample["meta"]["query"], sample["meta"]["scene"]["objects"]
+            n = sum(all(o[k] == v for k, v in query.items()) for o in objs)
+            assert sample["conversations"][1]["content"] == f"{n}."
+
+
 def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
     model, processor = eval_omni.load(str(chain / "sft"), None, "cpu")
-    items = list(eval_omni.bench_prompts(str(world / "test.jsonl"), None, None, standins=True))
+    items = list(eval_omni.bench_prompts(str(world / "test.jsonl"), None, None, standins=True, query_num=16))
     for sample, prompt, _, media in items:
         assert not any(media[k] for k in ("images", "audios", "videos"))
-        text = processor.tokenizer.decode(processor.sample(prompt, media_as_text=media["as_text"])["input_ids"])
-        assert not any(pad in text for pad in ("<|image_pad|>", "<|audio_pad|>", "<|video_pad|>"))
+        one = processor.sample(prompt, media_as_text=media["as_text"], standin_slots=media["slots"])
+        text = processor.tokenizer.decode(one["input_ids"])
+        assert "<|audio_pad|>" not in text and "<|video_pad|>" not in text
+        if media["slots"]:  # scenes: every image pad is a slot standing for its cell's words (or the pad itself)
+            assert text.count("<|image_pad|>") == 16 * len(media["slots"])
+            assert slot_words(processor.tokenizer, one["standin_ids"])[:9] == media["slots"][0]
+        else:
+            assert "<|image_pad|>" not in text
         if sample["task"] in ("asr", "ocr"):
             assert sample["meta"]["answer"] in text
     results, _ = eval_omni.run_bench(model, processor, str(world / "test.jsonl"), standins=True)
