@@ -11,9 +11,11 @@ the next one's --init (and a checkpoint eval_omni.py can chat with).
 Stages (see the README for the why):
 - vision / audio / text: the tiny recipe's stand-in for towers that arrive pretrained. The vision tower learns
   per-cell colour/shape/size and reads text (CTC) from ToyWorld ground truth, the audio tower transcribes (CTC),
-  the LLM learns ToyWorld's language. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
+  the LLM learns ToyWorld's language with each medium replaced by its stand-in (a scene as one vector per cell in
+  its image slots, speech as its transcript, ...). With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
 - align: the original's first stage: encoders and LLM frozen, only the resampler and audio projector learn to
-  map media into the LLM's embedding space (caption, OCR, ASR data).
+  map media into the LLM's embedding space (caption, OCR, ASR data); on ToyWorld scenes the stand-in loss
+  (--standin_weight) also pulls each resampler slot onto its cell's vector from the text warm-up.
 - joint: the same data with more parts unfrozen (--train, per-component learning rates with --lr_for).
 """
 import argparse
@@ -30,7 +32,7 @@ STAGES = {
     "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=1, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={}),  # not 2e-3: README
-    "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=1,
+    "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=2,
                   batch_size=16, lr=2e-3, lrs={}),
     "joint": dict(train="vision,audio,llm,projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr",
                   epochs=1, batch_size=16, lr=1e-3, lrs={"vision": 5e-4, "audio": 5e-4}),

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     g.add_argument("--talker_config", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="TalkerConfig fields of a NEW talker, e.g. num_hidden_layers=4 guided_attention=0")
     add_common_args(parser)
-    parser.set_defaults(out="out/sft", train="vision,audio,llm,projectors", epochs=2, batch_size=16, lr=1e-3,
+    parser.set_defaults(out="out/sft", train="vision,audio,llm,projectors", epochs=2, batch_size=16, lr=3e-4,
                         warmup_ratio=0.05)
     return parser.parse_args(argv)
 
