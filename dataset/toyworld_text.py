@@ -318,7 +318,7 @@ def think_neighbor(lang: str, step: tuple[int, int], anchor: dict, other: dict) 
 def cell_texts(lang: str, objects: list[dict]) -> list[str]:
     """The 9 grid cells of a scene, row-major, each as its words: its position, then its object's colour, shape
     and size ('top left red circle large'; an empty cell is just 'center'). One cell = one image slot of the
-    text warm-up and the target of `align`'s stand-in loss (see OmniModel.embed_inputs)."""
+    text warm-up and the target of `align`'s stand-in loss (see OmniModel.embed_standins)."""
     cells = [[p[0] if lang == "en" else p[2]] for p in POSITIONS]
     for o in objects:
         cells[o["cell"][0] * 3 + o["cell"][1]] += ([o["color"], o["shape"], o["size"]] if lang == "en" else
