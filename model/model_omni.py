@@ -362,7 +362,7 @@ class OmniModel(nn.Module):
                 speech_voices=None, speech_text_mask=None, **media) -> dict:
         """Next-token loss over labelled positions only; logits are computed only where labels exist.
         With speech targets (speech_*: see speech_loss) the talker's loss is added, times speech_weight; with
-        images and their word stand-ins, the stand-in loss (standin_loss), times standin_weight."""
+        images and their word stand-ins and a resampler that trains, the stand-in loss, times standin_weight."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)
         hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none").hidden_states
@@ -373,7 +373,8 @@ class OmniModel(nn.Module):
         keep = targets != -100                                    # [B, T-1]
         logits = self.llm.lm_head(hidden[:, :-1][keep])           # [N, V] only at labelled positions
         loss = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else hidden.sum() * 0.0
-        standin_loss = self.standin_loss(input_ids, embeds, media) if self.standin_weight else None
+        learns = self.standin_weight and self.resampler.query.requires_grad  # a frozen resampler has nothing to fit
+        standin_loss = self.standin_loss(input_ids, embeds, media) if learns else None
         if standin_loss is not None:
             out["standin_loss"] = standin_loss
             loss = loss + self.standin_weight * standin_loss

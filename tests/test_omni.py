@@ -194,6 +194,9 @@ def test_standin_loss_pulls_the_resampler_not_the_words():
     model.standin_weight = 0.0
     plain = model(**batch, labels=labels)
     assert "standin_loss" not in plain and torch.allclose(out["loss"], plain["loss"] + 0.5 * expected, atol=1e-5)
+    model.standin_weight = 0.5
+    model.resampler.requires_grad_(False)  # e.g. a talker-only run: nothing the stand-in loss could move
+    assert "standin_loss" not in model(**batch, labels=labels)
 
 
 def test_loss_ignores_minus_100_labels():
