@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from dataset.build_toyworld import ASK
+from dataset.build_toyworld import ASK, gen_scene_qa
 from dataset.chat import MARKERS, slot_standin_ids, tokenize_conversation
 from dataset.media import audio_features, image_to_tensor, load_image, read_video
 from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
@@ -158,17 +158,10 @@ def standin_expansions(sample: dict, query_num: int) -> tuple[dict[str, list[str
 
 
 def generated_scene_questions(n: int, seed: int) -> list[dict]:
-    """n colour / shape / count / position questions (in turn) on fresh scenes from ToyWorld's own generators,
-    as samples whose scene is never rendered: text warm-up material beyond the dataset's ~1,200 such questions."""
+    """n colour / shape / count / position questions (in turn) on fresh scenes, drawn by ToyWorld's own sample
+    generators; the scenes stay render specs, never images: text warm-up material beyond the dataset's ~1,200."""
     rng, tasks = random.Random(seed), list(ASK)
-    samples = []
-    for i in range(n):
-        scene, question, answer, extra = ASK[tasks[i % len(tasks)]](rng, "en")
-        samples.append({"task": tasks[i % len(tasks)], "lang": "en", "images": ["(not rendered)"],
-                        "meta": {"scene": scene, "query": extra["query"]},
-                        "conversations": [{"role": "user", "content": "<image>\n" + question},
-                                          {"role": "assistant", "content": answer}]})
-    return samples
+    return [gen_scene_qa(tasks[i % len(tasks)])(rng, "en", i, False)[0] for i in range(n)]
 
 
 class TextDataset(Dataset):
