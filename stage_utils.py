@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from dataset.build_toyworld import ASK, gen_scene_qa
+from dataset.build_toyworld import ASK, follow_up_questions, gen_scene_qa
 from dataset.chat import MARKERS, slot_standin_ids, tokenize_conversation
 from dataset.media import audio_features, image_to_tensor, load_image, read_video
 from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
@@ -157,24 +157,33 @@ def standin_expansions(sample: dict, query_num: int) -> tuple[dict[str, list[str
              for kind, texts in described.items()}, slots)
 
 
-def generated_scene_questions(n: int, seed: int) -> list[dict]:
+def generated_scene_questions(n: int, seed: int, per_scene: int = 1) -> list[dict]:
     """n colour / shape / count / position questions (in turn) on fresh scenes, drawn by ToyWorld's own sample
-    generators; the scenes stay render specs, never images: text warm-up material beyond the dataset's ~1,200."""
-    rng, tasks = random.Random(seed), list(ASK)
-    return [gen_scene_qa(tasks[i % len(tasks)])(rng, "en", i, False)[0] for i in range(n)]
+    generators, each followed by per_scene - 1 more turns about the same scene; the scenes stay render specs,
+    never images: text warm-up material beyond the dataset's ~1,200."""
+    rng, tasks, samples = random.Random(seed), list(ASK), []
+    for i in range(n):
+        sample = gen_scene_qa(tasks[i % len(tasks)])(rng, "en", i, False)[0]
+        for question, answer in follow_up_questions(rng, "en", sample["meta"]["scene"], per_scene - 1):
+            sample["conversations"] += [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer}]
+        samples.append(sample)
+    return samples
 
 
 class TextDataset(Dataset):
     """The LLM's warm-up on ToyWorld language, as a real LLM arrives knowing its language: the conversations with
     each medium replaced by a stand-in (standin_expansions: a scene by its cells' words, one vector per image
-    slot; speech by its transcript, ...), plus `scene_questions` generated scene questions. So the LLM first
-    learns to answer from a DESCRIPTION in its context, and `align` then only has to make the media embeddings
-    read like one. Samples without ToyWorld ground truth get their media markers removed; those left without a
-    question are dropped."""
+    slot; speech by its transcript, ...), plus `scene_questions` generated scene questions (`questions_per_scene`
+    turns each). So the LLM first learns to answer from a DESCRIPTION in its context, and `align` then only has to
+    make the media embeddings read like one. Samples without ToyWorld ground truth get their media markers removed;
+    those left without a question are dropped."""
 
-    def __init__(self, paths: list[str], tokenizer, query_num: int, scene_questions: int = 0, seed: int = 0):
+    def __init__(self, paths: list[str], tokenizer, query_num: int, scene_questions: int = 0, seed: int = 0,
+                 questions_per_scene: int = 1):
         self.tokenizer, self.samples = tokenizer, []
-        samples = [sample for _, sample in jsonl_samples(paths)] + generated_scene_questions(scene_questions, seed)
+        samples = [sample for _, sample in jsonl_samples(paths)] + generated_scene_questions(scene_questions, seed,
+                                                                                            questions_per_scene)
         for sample in samples:
             standins = standin_expansions(sample, query_num)
             if standins is None:
@@ -201,7 +210,7 @@ class TextDataset(Dataset):
 
 
 def text_data(args, tokenizer, query_num: int):
-    dataset = TextDataset(args.data, tokenizer, query_num, args.scene_questions, args.seed)
+    dataset = TextDataset(args.data, tokenizer, query_num, args.scene_questions, args.seed, args.questions_per_scene)
     lengths = [sum(len(t["content"]) for t in s["conversations"]) + sum(len(e) for es in x.values() for e in es)
                for s, x, _ in dataset.samples]
     # mega_batches=1: plain shuffled batches. Grouping by length would sort the generated questions into batches of

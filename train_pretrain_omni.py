@@ -49,6 +49,8 @@ def parse_args(argv=None):
     add_model_args(parser, data=defaults.pop("data"), tasks=defaults.pop("tasks"))
     parser.add_argument("--scene_questions", type=int, default=0,
                         help="text stage: this many generated scene questions on top of --data (see README)")
+    parser.add_argument("--questions_per_scene", type=int, default=1,
+                        help="text stage: question/answer turns per generated scene (one conversation)")
     add_common_args(parser)
     lrs = defaults.pop("lrs")
     parser.set_defaults(out=f"out/{stage}", warmup_ratio=0.05, **defaults)

@@ -35,6 +35,8 @@ shape by colour, position); by-cell questions and counts keep their one-word ans
 --questions K: every training scene comes with K question/answer turns (one conversation, every answer trained), so
 a step carries K lookups per scene instead of one; the held-out score stays one question per scene.
 --mimetic: key projections start equal to query projections, so attention first prefers tokens of the same content.
+--fixed_codes: a cell is the sum of a FROZEN copy of the initial word embeddings, not of the embeddings as they train
+(the demo's text warm-up pulls colour words together, mean cosine 0.77, so a sum of them tells colours apart less).
 --tasks: train on some of the four only (all four are scored); --curriculum N: N steps of each task alone, in the
 order of --tasks, then all of them mixed; --grow N: N steps of the first task, N of the first two mixed, ... (the
 mixture grows one task at a time), then all of them; --first TASKS --first_steps N: the first N steps train on
@@ -74,34 +76,6 @@ def restated(task: str, answer: str, query: dict) -> str:
     return answer
 
 
-def unique_in(objs: list[dict], obj: dict, *keys: str) -> bool:
-    """Whether no other object of the scene shares obj's values of `keys` (so a question can name it by them)."""
-    return sum(all(o[k] == obj[k] for k in keys) for o in objs) == 1
-
-
-def more_questions(rng: random.Random, scene: dict, k: int, tasks: list[str]) -> list[tuple[str, str]]:
-    """k further (question, answer) pairs about the same scene, each of a random one of `tasks` (see --questions)."""
-    objs, pairs = scene["objects"], []
-    while len(pairs) < k:
-        task, o = rng.choice(tasks), rng.choice(objs)
-        if task == "color":
-            q = (T.color_question("en", rng, shape=o["shape"]) if unique_in(objs, o, "shape")
-                 else T.color_question("en", rng, cell=B.cell_index(o)))
-            pairs.append((q, T.answer("en", o["color"])))
-        elif task == "shape":
-            q = (T.shape_question("en", rng, color=o["color"]) if unique_in(objs, o, "color")
-                 else T.shape_question("en", rng, cell=B.cell_index(o)))
-            pairs.append((q, T.answer("en", o["shape"])))
-        elif task == "count":
-            color = rng.choice(list(T.COLORS))
-            pairs.append((T.count_question("en", rng, color=color),
-                          T.answer("en", str(sum(p["color"] == color for p in objs)))))
-        elif unique_in(objs, o, "color", "shape"):
-            pairs.append((T.position_question("en", rng, o["color"], o["shape"]),
-                          T.answer("en", T.POSITIONS[B.cell_index(o)][0])))
-    return pairs
-
-
 GUESSED = ("color", "shape", "position")
 
 
@@ -133,7 +107,7 @@ def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=
         if task in restate:
             answer = restated(task, answer, extra["query"])
         opening = question + "\n<image>" if question_first else "<image>\n" + question
-        turns = [(opening, answer)] + more_questions(rng, scene, questions - 1, tasks)
+        turns = [(opening, answer)] + B.follow_up_questions(rng, "en", scene, questions - 1, tasks)
         sample = {"conversations": [{"role": role, "content": text} for q, a in turns
                                     for role, text in (("user", q), ("assistant", a))]}
         image = T.caption("en", scene["objects"]) if as_caption else IMAGE_PAD * CELLS
@@ -155,14 +129,16 @@ def mimetic_init(llm: Qwen3ForCausalLM):
             attn.k_proj.weight.copy_(q[:, 0].reshape(attn.n_kv * attn.head_dim, -1))
 
 
-def loss_and_exact(llm, pad_id: int, batch: dict, cells) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (loss, Bool[B]: whole answer right under teacher forcing)."""
+def loss_and_exact(llm, pad_id: int, batch: dict, cells, codes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (loss, Bool[B]: whole answer right under teacher forcing). A cell is the sum of its words' vectors: the
+    LLM's own embeddings, or with `codes` (an nn.Embedding) fixed vectors that the LLM's training does not move."""
     embed = llm.get_input_embeddings()
+    codes = codes or embed
     device = embed.weight.device
     input_ids = batch["input_ids"].to(device)
     x = embed(input_ids)                                                       # [B, T, D]
     for b, words in enumerate(cells):                                          # one fused vector per cell
-        x[b, input_ids[b] == pad_id] = torch.stack([embed(torch.tensor(w, device=device)).sum(0) for w in words])
+        x[b, input_ids[b] == pad_id] = torch.stack([codes(torch.tensor(w, device=device)).sum(0) for w in words])
     logits = llm(inputs_embeds=x, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]  # [B, T-1, V]
     target = batch["labels"][:, 1:].to(device)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
@@ -201,6 +177,7 @@ def main():
     p.add_argument("--first_steps", type=int, default=0)
     p.add_argument("--few", type=int, default=CELLS, help="most objects per scene in the first --few_steps")
     p.add_argument("--few_steps", type=int, default=0)
+    p.add_argument("--fixed_codes", action="store_true", help="cells from a frozen copy of the initial embeddings")
     args = p.parse_args()
     restate = [t for t in args.restate.split(",") if t]
     if not set(restate) <= {"color", "shape", "position"}:
@@ -221,6 +198,9 @@ def main():
         rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True)).to(args.device)
     if args.mimetic:
         mimetic_init(llm)
+    codes = None
+    if args.fixed_codes:  # a frozen copy of the initial embeddings: colour words stay as distinct as at init
+        codes = torch.nn.Embedding.from_pretrained(llm.get_input_embeddings().weight.detach().clone(), freeze=True)
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     opt = torch.optim.AdamW(llm.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     train_rng, eval_rng = random.Random(args.seed), random.Random(args.seed + 123)
@@ -240,14 +220,14 @@ def main():
             now = first
         batch = make_batch(train_rng, args.batch_size, now, tokenizer, restate, args.as_caption, args.questions,
                            args.question_first, args.few if step <= args.few_steps else CELLS)
-        loss, _ = loss_and_exact(llm, pad_id, *batch[:2])
+        loss, _ = loss_and_exact(llm, pad_id, *batch[:2], codes)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
         if step % args.eval_every == 0 or step == args.steps:
             with torch.no_grad():
-                scores = {task: score(loss_and_exact(llm, pad_id, *held_out[task][:2])[1], held_out[task][2])
+                scores = {task: score(loss_and_exact(llm, pad_id, *held_out[task][:2], codes)[1], held_out[task][2])
                           for task in TASKS}
             print(f"step {step} ({step * args.batch_size} samples, {time.time() - t0:.0f} s) loss {loss.item():.3f} "
                   + " ".join(f"{task} {value}" for task, value in scores.items()), flush=True)

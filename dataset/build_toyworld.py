@@ -263,6 +263,36 @@ def ask_position(rng, lang):
 ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position}
 
 
+def unique_in(objs: list[dict], obj: dict, *keys: str) -> bool:
+    """Whether no other object of the scene shares obj's values of `keys` (so a question can name it by them)."""
+    return sum(all(o[k] == obj[k] for k in keys) for o in objs) == 1
+
+
+def follow_up_questions(rng, lang: str, scene: dict, k: int, tasks=tuple(ASK)) -> list[tuple[str, str]]:
+    """k more (question, answer) turns about the SAME scene, each of a random one of `tasks`: one conversation
+    then trains k lookups on one scene (text warm-up's --questions_per_scene, the probe's --questions)."""
+    objs, pairs = scene["objects"], []
+    while len(pairs) < k:
+        task, o = rng.choice(list(tasks)), rng.choice(objs)
+        if task == "color":
+            q = (T.color_question(lang, rng, shape=o["shape"]) if unique_in(objs, o, "shape")
+                 else T.color_question(lang, rng, cell=cell_index(o)))
+            pairs.append((q, T.answer(lang, word(lang, o["color"], T.COLORS))))
+        elif task == "shape":
+            q = (T.shape_question(lang, rng, color=o["color"]) if unique_in(objs, o, "color")
+                 else T.shape_question(lang, rng, cell=cell_index(o)))
+            pairs.append((q, T.answer(lang, word(lang, o["shape"], T.SHAPES))))
+        elif task == "count":
+            color = rng.choice(list(T.COLORS))
+            pairs.append((T.count_question(lang, rng, color=color),
+                          T.answer(lang, str(sum(p["color"] == color for p in objs)))))
+        elif unique_in(objs, o, "color", "shape"):
+            pos = T.POSITIONS[cell_index(o)]
+            pairs.append((T.position_question(lang, rng, o["color"], o["shape"]),
+                          T.answer(lang, pos[0] if lang == "en" else pos[2])))
+    return pairs
+
+
 def gen_scene_qa(task):
     def gen(rng, lang, i, test):
         scene, q, ans, extra = ASK[task](rng, lang)

@@ -133,6 +133,23 @@ def test_text_warmup_adds_generated_scene_questions(world):
             assert sample["conversations"][1]["content"] == f"{n}."
 
 
+def test_text_warmup_scene_conversations_have_the_asked_number_of_turns(world):
+    """--questions_per_scene K: each generated scene is one conversation of K question/answer turns, the first the
+    sample generator's own (the first scene's is the same as with K = 1; later ones differ, the follow-ups draw from
+    the same random stream), every answer trained."""
+    tokenizer = load_tokenizer(str(world / "tokenizer"))
+    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, 16))
+    one = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=4, seed=3).samples[base:]
+    three = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=4, seed=3,
+                        questions_per_scene=3).samples[base:]
+    assert [len(s["conversations"]) for s, *_ in three] == [6] * 4
+    assert three[0][0]["conversations"][:2] == one[0][0]["conversations"]
+    dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=4, seed=3, questions_per_scene=3)
+    item = dataset[base]
+    trained = tokenizer.decode([t for t in item["labels"] if t != -100])
+    assert trained == "".join(a["content"] + "<|im_end|>" for a in three[0][0]["conversations"][1::2])
+
+
 def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
     model, processor = eval_omni.load(str(chain / "sft"), None, "cpu")
     items = list(eval_omni.bench_prompts(str(world / "test.jsonl"), None, None, standins=True, query_num=16))

@@ -207,3 +207,23 @@ def test_scene_probe_guess_is_a_random_objects_attribute():
     assert scene_guess("shape", scene, "Circle.") == pytest.approx(1 / 3)
     assert scene_guess("position", scene, "Bottom right.") == pytest.approx(1 / 3)
     assert scene_guess("position", scene, "Top.") == 0.0
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_follow_up_questions_answer_from_their_scene(lang):
+    """Several turns about one scene: on a one-object scene every colour / shape / position answer is that object's
+    (by hand from the scene), and a count is 1 exactly when the question names the object's colour."""
+    rng = random.Random(5)
+    for _ in range(20):
+        scene = B.sample_scene(rng, 1, 1)
+        (obj,) = scene["objects"]
+        expected = {
+            "color": T.answer(lang, B.word(lang, obj["color"], T.COLORS)),
+            "shape": T.answer(lang, B.word(lang, obj["shape"], T.SHAPES)),
+            "position": T.answer(lang, T.POSITIONS[B.cell_index(obj)][0 if lang == "en" else 2])}
+        for task, answer in expected.items():
+            pairs = B.follow_up_questions(rng, lang, scene, 3, tasks=[task])
+            assert len(pairs) == 3 and all(a == answer for _, a in pairs)
+        for question, answer in B.follow_up_questions(rng, lang, scene, 5, tasks=["count"]):
+            named = B.word(lang, obj["color"], T.COLORS) in question
+            assert answer == T.answer(lang, "1" if named else "0")
