@@ -42,7 +42,8 @@ def add_model_args(parser, data: list[str], tasks: str = ""):
     g.add_argument("--tasks", default=tasks, help="comma-separated task filter on the samples' 'task' field")
     g.add_argument("--max_length", type=int, default=1024)
     g.add_argument("--standin_weight", type=float, default=1.0,
-                   help="weight of the stand-in loss: ToyWorld image slots pulled towards their cells' words (0 = off)")
+                   help="weight of the stand-in loss: ToyWorld image slots pulled towards their cells' word codes "
+                        "(0 = off; only after the tiny text warm-up, whose LLM learned to read them)")
     g.add_argument("--train", default="", help="comma-separated components that train: vision,audio,llm,resampler,"
                                                 "audio_projector (projectors = both projectors)")
     return parser
@@ -118,9 +119,10 @@ def omni_data(args, config, tokenizer, codec=None):
     """-> (dataset, collate_fn, batches_fn) over every --data file, filtered by --tasks, length-grouped.
     With the talker's codec, samples with a speech target also yield its codes."""
     tasks = set(filter(None, args.tasks.split(",")))
+    standins = args.standin_weight > 0 and config.reads_standins  # targets only for an LLM that learned to read them
     parts, lengths = [], []
     for path in args.data:
-        full = OmniDataset(path, tokenizer, config, args.max_length, codec=codec, standins=args.standin_weight > 0)
+        full = OmniDataset(path, tokenizer, config, args.max_length, codec=codec, standins=standins)
         keep = _task_filter(full, tasks)
         parts.append(Subset(full, keep))
         lengths += [full.lengths[i] for i in keep]

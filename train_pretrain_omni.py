@@ -77,6 +77,8 @@ def main(argv=None):
         net, data = model, omni_data(args, model.config, tokenizer)
     print(f"stage {args.stage}: training {model.trainable_components()}, {len(data[0])} samples")
     Trainer(args, net, *data, lr_for=component_lrs(args, args.component_lrs)).fit()
+    if args.stage == "text":
+        model.config.reads_standins = True  # from now on align / SFT may pull image slots onto the stand-ins
     finish_stage(model, tokenizer, args)
 
 

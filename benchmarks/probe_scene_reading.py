@@ -36,7 +36,8 @@ shape by colour, position); by-cell questions and counts keep their one-word ans
 a step carries K lookups per scene instead of one; the held-out score stays one question per scene.
 --mimetic: key projections start equal to query projections, so attention first prefers tokens of the same content.
 --fixed_codes: a cell is the sum of a FROZEN copy of the initial word embeddings, not of the embeddings as they train
-(the demo's text warm-up pulls colour words together, mean cosine 0.77, so a sum of them tells colours apart less).
+(the demo's text warm-up pulls colour words together, mean cosine 0.77, so a sum of them tells colours apart less;
+the text warm-up's stand-ins are such fixed codes now, OmniModel.word_codes).
 --tasks: train on some of the four only (all four are scored); --curriculum N: N steps of each task alone, in the
 order of --tasks, then all of them mixed; --grow N: N steps of the first task, N of the first two mixed, ... (the
 mixture grows one task at a time), then all of them; --first TASKS --first_steps N: the first N steps train on
@@ -133,7 +134,7 @@ def loss_and_exact(llm, pad_id: int, batch: dict, cells, codes=None) -> tuple[to
     """-> (loss, Bool[B]: whole answer right under teacher forcing). A cell is the sum of its words' vectors: the
     LLM's own embeddings, or with `codes` (an nn.Embedding) fixed vectors that the LLM's training does not move."""
     embed = llm.get_input_embeddings()
-    codes = codes or embed
+    codes = embed if codes is None else codes
     device = embed.weight.device
     input_ids = batch["input_ids"].to(device)
     x = embed(input_ids)                                                       # [B, T, D]

@@ -52,6 +52,8 @@ class OmniConfig:
     audio_pad_id: int = -1
     external_weights: dict = field(default_factory=dict)  # component -> local HF folder, for towers not saved with us
     talker: TalkerConfig | None = None  # speech output; None = a text-only model (and every config saved before it)
+    reads_standins: bool = False    # the LLM learned ToyWorld's word stand-ins (tiny text warm-up): only then does
+                                    # the stand-in loss pull image slots onto them
 
     @staticmethod
     def preset(name: str) -> "OmniConfig":
@@ -273,6 +275,7 @@ class OmniModel(nn.Module):
         self.codec = None          # the talker's codec (model/codec.py); loaded with the checkpoint when saved in it
         self.speech_weight = 1.0   # loss = text loss + speech_weight * talker loss (train_sft_omni.py --speech_weight)
         self.standin_weight = 0.0  # + standin_weight * stand-in loss (stage scripts' --standin_weight)
+        self._word_codes = None    # the stand-ins' fixed word vectors, built on first use (word_codes)
 
     def add_talker(self, config: TalkerConfig) -> "OmniModel":
         """Give a text-only model a freshly initialised talker (its config is saved with the checkpoint)."""
@@ -295,12 +298,24 @@ class OmniModel(nn.Module):
         return self.audio_projector(states, mask)                # [n_tokens, D]
 
     def embed_standins(self, standin_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T, W] word ids -> ([B, T, D] the sum of their embeddings, Bool[B, T] rows that have words).
+        """[B, T, W] word ids -> ([B, T, D] the sum of their word codes, Bool[B, T] rows that have words).
         A ToyWorld image slot described by its cell's words ('top left red circle large') as ONE vector: what the
         text warm-up reads in place of an image, and what `align` pulls the resampler's slots towards."""
         has_word = standin_ids >= 0
-        words = self.llm.get_input_embeddings()(standin_ids.clamp(min=0))          # [B, T, W, D]
+        codes = self.word_codes().to(standin_ids.device)
+        words = codes[standin_ids.clamp(min=0)]                                    # [B, T, W, D]
         return (words * has_word.unsqueeze(-1)).sum(2), has_word.any(-1)
+
+    def word_codes(self) -> torch.Tensor:
+        """[V, D] one fixed random vector per token (seeded, never trained, not saved), distributed like the LLM's
+        initial embeddings. Stand-ins are sums of these, not of the live embeddings: training pulls interchangeable
+        words together (after the text warm-up the six colours' embeddings have a mean cosine of 0.77), and a sum
+        of near-equal colours no longer tells them apart."""
+        if self._word_codes is None:
+            llm = self.config.llm
+            generator = torch.Generator().manual_seed(0)
+            self._word_codes = torch.randn(llm.vocab_size, llm.hidden_size, generator=generator) * llm.initializer_range
+        return self._word_codes
 
     def embed_inputs(self, input_ids: torch.Tensor, media: MediaInputs) -> torch.Tensor:
         """[B, T] ids -> [B, T, D] embeddings with every placeholder row replaced by its media embedding, or by
@@ -309,7 +324,7 @@ class OmniModel(nn.Module):
         described = torch.zeros_like(input_ids, dtype=torch.bool)
         if media.standin_ids is not None:
             standins, described = self.embed_standins(media.standin_ids)
-            embeds = torch.where(described.unsqueeze(-1), standins, embeds)
+            embeds = torch.where(described.unsqueeze(-1), standins.to(embeds.dtype), embeds)
         cfg = self.config
         branches = [
             ("image", cfg.image_pad_id, media.pixel_values,
@@ -373,7 +388,8 @@ class OmniModel(nn.Module):
         keep = targets != -100                                    # [B, T-1]
         logits = self.llm.lm_head(hidden[:, :-1][keep])           # [N, V] only at labelled positions
         loss = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else hidden.sum() * 0.0
-        learns = self.standin_weight and self.resampler.query.requires_grad  # a frozen resampler has nothing to fit
+        learns = (self.standin_weight and self.config.reads_standins
+                  and self.resampler.query.requires_grad)  # a frozen resampler has nothing to fit
         standin_loss = self.standin_loss(input_ids, embeds, media) if learns else None
         if standin_loss is not None:
             out["standin_loss"] = standin_loss

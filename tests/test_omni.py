@@ -148,9 +148,10 @@ def standin_batch(cfg):
     return dict(batch, standin_ids=standin), rows
 
 
-def test_standins_fill_image_rows_with_the_sum_of_their_word_embeddings():
-    """Without images (the text warm-up), a stand-in row is the sum of its words' embeddings; other rows keep
-    their own token's. Pads without images and without stand-ins still raise."""
+def test_standins_fill_image_rows_with_the_sum_of_their_word_codes():
+    """Without images (the text warm-up), a stand-in row is the sum of its words' fixed codes; other rows keep
+    their own token's embedding. The codes are seeded (the same in every model), not the LLM's trainable table.
+    Pads without images and without stand-ins still raise."""
     torch.manual_seed(0)
     cfg = tiny_config()
     model = OmniModel(cfg).eval()
@@ -161,9 +162,12 @@ def test_standins_fill_image_rows_with_the_sum_of_their_word_embeddings():
     batch["input_ids"] = batch["input_ids"].clone()
     batch["input_ids"][0, rows[-1] + 1:rows[-1] + 1 + cfg.query_num] = 5
     embeds = model.embed_inputs(batch["input_ids"], media_of(batch))
-    table = model.llm.get_input_embeddings().weight
-    expected = torch.stack([table[1] + table[2], table[2] + table[3], table[3] + table[4], table[9]])
+    codes = model.word_codes()
+    expected = torch.stack([codes[1] + codes[2], codes[2] + codes[3], codes[3] + codes[4], codes[9]])
     assert torch.allclose(embeds[0, rows], expected)
+    assert torch.equal(OmniModel(cfg).word_codes(), codes) and not any(p is codes for p in model.parameters())
+    assert codes.std().item() == pytest.approx(cfg.llm.initializer_range, rel=0.05)
+    table = model.llm.get_input_embeddings().weight
     others = torch.ones_like(batch["input_ids"][0], dtype=torch.bool)
     others[rows] = False
     assert torch.equal(embeds[0, others], table[batch["input_ids"][0, others]])
@@ -171,15 +175,21 @@ def test_standins_fill_image_rows_with_the_sum_of_their_word_embeddings():
 
 def test_standin_loss_pulls_the_resampler_not_the_words():
     """With images, the image rows are the resampler's; standin_loss = |image - words|^2 / |words|^2 over the rows
-    with stand-ins (hand-computed), its gradient reaches the resampler but not the word embeddings."""
+    with stand-ins (hand-computed), its gradient reaches the resampler but not the word embeddings. Only an LLM
+    that learned the stand-ins (config.reads_standins, set by the text warm-up) gets the loss."""
     torch.manual_seed(0)
     cfg = tiny_config()
     model = OmniModel(cfg).train()
     batch, rows = standin_batch(cfg)
+    labels = batch["input_ids"].clone()
+    model.standin_weight = 0.5
+    assert "standin_loss" not in model(**batch, labels=labels)  # e.g. a real Qwen3 never read these codes
+    model.config.reads_standins = True
     media = media_of(batch)
     images = model.embed_images(batch["pixel_values"], batch["image_grid_hw"])[0]   # [Q, D] first slice
     table = model.llm.get_input_embeddings().weight
-    words = torch.stack([table[1] + table[2], table[2] + table[3], table[3] + table[4], table[9]])
+    codes = model.word_codes()
+    words = torch.stack([codes[1] + codes[2], codes[2] + codes[3], codes[3] + codes[4], codes[9]])
     expected = ((images - words) ** 2).sum(-1).mean() / (words ** 2).sum(-1).mean()
     embeds = model.embed_inputs(batch["input_ids"], media)
     loss = model.standin_loss(batch["input_ids"], embeds, media)
@@ -187,8 +197,6 @@ def test_standin_loss_pulls_the_resampler_not_the_words():
     model.zero_grad()
     loss.backward()
     assert model.resampler.query.grad.abs().sum() > 0 and (table.grad is None or not table.grad.any())
-    model.standin_weight = 0.5
-    labels = batch["input_ids"].clone()
     out = model(**batch, labels=labels)
     assert torch.allclose(out["standin_loss"], expected, atol=1e-6)
     model.standin_weight = 0.0

@@ -59,10 +59,12 @@ def changed(before: Path, after: Path, prefix: str) -> bool:
 
 
 def test_every_stage_saves_a_loadable_checkpoint(chain):
+    """... and from the text warm-up on, the config says the LLM reads stand-ins (align's stand-in loss needs it)."""
     for stage in STAGES + ["sft"]:
         folder = chain / stage
         assert (folder / "tokenizer.json").is_file() and (folder / "step_2").is_dir()
-        OmniModel.from_pretrained(str(folder))
+        model = OmniModel.from_pretrained(str(folder))
+        assert model.config.reads_standins == (stage not in ("vision", "audio"))
 
 
 def test_each_stage_trains_only_its_components(chain):
