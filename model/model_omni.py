@@ -307,14 +307,15 @@ class OmniModel(nn.Module):
         return (words * has_word.unsqueeze(-1)).sum(2), has_word.any(-1)
 
     def word_codes(self) -> torch.Tensor:
-        """[V, D] one fixed random vector per token (seeded, never trained, not saved), distributed like the LLM's
-        initial embeddings. Stand-ins are sums of these, not of the live embeddings: training pulls interchangeable
-        words together (after the text warm-up the six colours' embeddings have a mean cosine of 0.77), and a sum
-        of near-equal colours no longer tells them apart."""
+        """[V, D] one fixed random vector per token (seeded, never trained, not saved). Stand-ins are sums of these,
+        not of the live embeddings: training pulls interchangeable words together (after the text warm-up the six
+        colours' embeddings have a mean cosine of 0.77), and a sum of near-equal colours no longer tells them apart.
+        Scale: std 0.5, so a 4-word cell sums to about sqrt(D), the norm of the resampler's LayerNorm-ed output at
+        init; codes at the embeddings' std 0.02 left `align` most of its steps shrinking the resampler's output."""
         if self._word_codes is None:
             llm = self.config.llm
             generator = torch.Generator().manual_seed(0)
-            self._word_codes = torch.randn(llm.vocab_size, llm.hidden_size, generator=generator) * llm.initializer_range
+            self._word_codes = torch.randn(llm.vocab_size, llm.hidden_size, generator=generator) * 0.5
         return self._word_codes
 
     def embed_inputs(self, input_ids: torch.Tensor, media: MediaInputs) -> torch.Tensor:

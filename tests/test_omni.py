@@ -166,7 +166,7 @@ def test_standins_fill_image_rows_with_the_sum_of_their_word_codes():
     expected = torch.stack([codes[1] + codes[2], codes[2] + codes[3], codes[3] + codes[4], codes[9]])
     assert torch.allclose(embeds[0, rows], expected)
     assert torch.equal(OmniModel(cfg).word_codes(), codes) and not any(p is codes for p in model.parameters())
-    assert codes.std().item() == pytest.approx(cfg.llm.initializer_range, rel=0.05)
+    assert codes.std().item() == pytest.approx(0.5, rel=0.05)
     table = model.llm.get_input_embeddings().weight
     others = torch.ones_like(batch["input_ids"][0], dtype=torch.bool)
     others[rows] = False
