@@ -302,20 +302,20 @@ class OmniModel(nn.Module):
         A ToyWorld image slot described by its cell's words ('top left red circle large') as ONE vector: what the
         text warm-up reads in place of an image, and what `align` pulls the resampler's slots towards."""
         has_word = standin_ids >= 0
-        codes = self.word_codes().to(standin_ids.device)
-        words = codes[standin_ids.clamp(min=0)]                                    # [B, T, W, D]
+        words = self.word_codes(standin_ids.device)[standin_ids.clamp(min=0)]      # [B, T, W, D]
         return (words * has_word.unsqueeze(-1)).sum(2), has_word.any(-1)
 
-    def word_codes(self) -> torch.Tensor:
+    def word_codes(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """[V, D] one fixed random vector per token (seeded, never trained, not saved). Stand-ins are sums of these,
         not of the live embeddings: training pulls interchangeable words together (after the text warm-up the six
         colours' embeddings have a mean cosine of 0.77), and a sum of near-equal colours no longer tells them apart.
         Scale: std 0.5, so a 4-word cell sums to about sqrt(D), the norm of the resampler's LayerNorm-ed output at
         init; codes at the embeddings' std 0.02 left `align` most of its steps shrinking the resampler's output."""
-        if self._word_codes is None:
+        if self._word_codes is None or self._word_codes.device != torch.device(device):  # built once per device
             llm = self.config.llm
             generator = torch.Generator().manual_seed(0)
-            self._word_codes = torch.randn(llm.vocab_size, llm.hidden_size, generator=generator) * 0.5
+            codes = torch.randn(llm.vocab_size, llm.hidden_size, generator=generator) * 0.5
+            self._word_codes = codes.to(device)
         return self._word_codes
 
     def embed_inputs(self, input_ids: torch.Tensor, media: MediaInputs) -> torch.Tensor:
