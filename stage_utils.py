@@ -326,9 +326,41 @@ def collate_audio(items: list[dict]) -> dict:
             "text_lens": torch.tensor([len(it["text"]) for it in items])}
 
 
-def warmup_data(args, stage: str, config: OmniConfig, chars: list[str]):
-    """-> (dataset, collate_fn, batches_fn) of the vision or audio warm-up (plain shuffled batches)."""
-    if stage == "vision":
+class SlotWarmupData(Dataset):
+    """Every ToyWorld scene image (single and multi-image samples) -> (pixels, the word ids of its query_num slots)."""
+
+    def __init__(self, paths: list[str], tokenizer, config: OmniConfig):
+        self.tokenizer, self.config, self.items = tokenizer, config, []
+        for root, s in jsonl_samples(paths):
+            for path, texts in zip(s.get("images") or [], scene_slots(s) or []):
+                self.items.append((os.path.join(root, path), texts))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, texts = self.items[i]
+        pixels = image_to_tensor(load_image(path))                                   # [3, S, S]
+        if list(pixels.shape[1:]) != [self.config.scale_resolution] * 2:
+            raise ValueError(f"{path}: a scene must be {self.config.scale_resolution}px square (one slice), "
+                             f"got {tuple(pixels.shape[1:])}")
+        pads = torch.full((self.config.query_num,), self.config.image_pad_id, dtype=torch.long)
+        return {"pixels": pixels, "standin_ids": slot_standin_ids(pads, self.tokenizer, [texts])}  # [Q, W]
+
+
+def collate_slots(items: list[dict]) -> dict:
+    width = max(it["standin_ids"].shape[1] for it in items)
+    ids = torch.full((len(items), items[0]["standin_ids"].shape[0], width), -1, dtype=torch.long)  # [N, Q, W]
+    for k, it in enumerate(items):
+        ids[k, :, :it["standin_ids"].shape[1]] = it["standin_ids"]
+    return {"pixel_values": torch.stack([it["pixels"] for it in items]), "standin_ids": ids}  # [N, 3, S, S]
+
+
+def warmup_data(args, stage: str, config: OmniConfig, chars: list[str], tokenizer=None):
+    """-> (dataset, collate_fn, batches_fn) of the vision, slots or audio warm-up (plain shuffled batches)."""
+    if stage == "slots":
+        dataset, collate_fn = SlotWarmupData(args.data, tokenizer, config), collate_slots
+    elif stage == "vision":
         dataset, collate_fn = VisionWarmupData(args.data, chars, config.scale_resolution), collate_vision
     else:
         dataset, collate_fn = AudioWarmupData(args.data, chars, config), collate_audio

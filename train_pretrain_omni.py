@@ -4,7 +4,8 @@ the next one's --init (and a checkpoint eval_omni.py can chat with).
     python train_pretrain_omni.py --stage vision --out out/vision            # tiny towers only: warm-ups
     python train_pretrain_omni.py --stage audio  --out out/audio  --init out/vision
     python train_pretrain_omni.py --stage text   --out out/text   --init out/audio
-    python train_pretrain_omni.py --stage align  --out out/align  --init out/text    # resampler + audio projector
+    python train_pretrain_omni.py --stage slots  --out out/slots  --init out/text    # resampler alone
+    python train_pretrain_omni.py --stage align  --out out/align  --init out/slots   # resampler + audio projector
     python train_pretrain_omni.py --stage joint  --out out/joint  --init out/align   # everything trains
     torchrun --nproc_per_node 2 train_pretrain_omni.py --stage align ...          # DDP: NCCL on GPU, gloo on CPU
 
@@ -13,6 +14,9 @@ Stages (see the README for the why):
   per-cell colour/shape/size and reads text (CTC) from ToyWorld ground truth, the audio tower transcribes (CTC),
   the LLM learns ToyWorld's language with each medium replaced by its stand-in (a scene as one vector per cell in
   its image slots, speech as its transcript, ...). With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
+- slots (tiny recipe too): the resampler alone learns to write each scene cell's stand-in into that cell's slot,
+  from the frozen tower and without the LLM. The stand-ins are fixed word codes, so the text side (text stage)
+  and the image side (this stage) each learn to meet at them, and `align` starts from slots the LLM can read.
 - align: the original's first stage: encoders and LLM frozen, only the resampler and audio projector learn to
   map media into the LLM's embedding space (caption, OCR, ASR data); on ToyWorld scenes the stand-in loss
   (--standin_weight) also pulls each resampler slot onto its cell's vector from the text warm-up.
@@ -20,7 +24,7 @@ Stages (see the README for the why):
 """
 import argparse
 
-from model.warmup_heads import AudioWarmup, VisionWarmup
+from model.warmup_heads import AudioWarmup, SlotWarmup, VisionWarmup
 from stage_utils import (add_model_args, build_model, charset, component_lrs, finish_stage, omni_data,
                          set_trainable, text_data, warmup_data)
 from trainer import Trainer, add_common_args
@@ -29,10 +33,11 @@ DATA = "data/toyworld"
 WARMUP_DATA = [f"{DATA}/pretrain.jsonl", f"{DATA}/sft.jsonl"]  # every image, OCR text and transcript of the train split
 # Per-stage defaults (all overridable on the command line); lrs maps components to their learning rate.
 STAGES = {
-    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=1, batch_size=32, lr=2e-3, lrs={}),
+    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=3, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={}),  # not 2e-3: README
-    "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=4,
+    "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=8, batch_size=16, lr=2e-3, lrs={}),
+    "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=3,
                   batch_size=16, lr=2e-3, lrs={}),
     "joint": dict(train="vision,audio,llm,projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr",
                   epochs=1, batch_size=16, lr=1e-3, lrs={"vision": 5e-4, "audio": 5e-4}),
@@ -62,7 +67,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = build_model(args)
-    if args.stage in ("vision", "audio", "text") and model.config.external_weights:
+    if args.stage in ("vision", "audio", "text", "slots") and model.config.external_weights:
         raise SystemExit(f"--stage {args.stage} warms up a randomly initialised tower; pretrained towers "
                          f"({', '.join(model.config.external_weights)}) start at --stage align")
     set_trainable(model, args.train.split(","))
@@ -71,6 +76,8 @@ def main(argv=None):
         net = (VisionWarmup(model.vision_tower, model.config.scale_resolution, len(chars)) if args.stage == "vision"
                else AudioWarmup(model.audio_tower, len(chars)))
         data = warmup_data(args, args.stage, model.config, chars)
+    elif args.stage == "slots":
+        net, data = SlotWarmup(model), warmup_data(args, args.stage, model.config, [], tokenizer)
     elif args.stage == "text":
         net, data = model, text_data(args, tokenizer, model.config.query_num)
     else:

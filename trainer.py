@@ -249,6 +249,12 @@ def init_swanlab(args, run_id: str | None):
 
 
 # ----------------------------------------------------------------------------- the trainer
+def scalar_means(window: dict) -> dict:
+    """The model's extra scalars over a log window: each one's mean over rank 0's micro-batches that REPORTED it
+    (standin_loss exists only in batches with scenes; averaging over all batches would understate it)."""
+    return {k[:-4]: v / window[k[:-4] + "_count"] for k, v in window.items() if k.endswith("_sum") and k != "loss_sum"}
+
+
 class Trainer:
     """trainer = Trainer(args, model, dataset, collate_fn, batches_fn); trainer.fit()
 
@@ -375,7 +381,7 @@ class Trainer:
         weight = world / n  # DDP averages over ranks: sum of loss * W / n over ranks = mean over the n batches
         self.optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(4, device=self.dist.device)  # loss sum, real micro-batches, samples, tokens
-        extras, real_here = {}, 0
+        extras = {}  # scalar outputs besides the loss: key -> (sum, micro-batches that reported it)
         for k in range(rounds):
             indices, batch = next(micro)
             real = batch is not None
@@ -389,13 +395,13 @@ class Trainer:
                     out = self.ddp(**to_device(batch if real else self.fallback, self.dist.device))
                 (out["loss"] * (weight if real else 0.0)).backward()
             if real:
-                real_here += 1
                 tokens = torch.as_tensor(out.get("num_tokens", 0), device=stats.device).float()
                 stats += torch.stack([out["loss"].detach().float(), stats.new_tensor(1.0),
                                       stats.new_tensor(float(len(indices))), tokens])
                 for key, v in out.items():
                     if key not in ("loss", "num_tokens") and torch.is_tensor(v) and v.numel() == 1:
-                        extras[key] = extras.get(key, 0.0) + v.detach().float()
+                        total, count = extras.get(key, (0.0, 0))
+                        extras[key] = (total + v.detach().float(), count + 1)
         if world > 1:
             dist.all_reduce(stats)
         loss_sum, n_real, samples, tokens = stats.tolist()
@@ -409,8 +415,9 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         stats = {"loss_sum": loss_sum, "n_real": n_real, "samples": samples, "tokens": tokens,
-                 "grad_norm": grad_norm, "steps": 1, "real_here": real_here}
-        stats.update({f"{k}_sum": float(v) for k, v in extras.items()})
+                 "grad_norm": grad_norm, "steps": 1}
+        for k, (total, count) in extras.items():
+            stats[f"{k}_sum"], stats[f"{k}_count"] = float(total), count
         return stats
 
     def _first_real_batch(self, batches) -> dict:
@@ -428,8 +435,7 @@ class Trainer:
         logs = {"train/loss": window["loss_sum"] / n_real, "train/grad_norm": window["grad_norm"] / window["steps"],
                 "train/samples_per_s": window["samples"] / seconds, "train/tokens_per_s": window["tokens"] / seconds,
                 "train/epoch": self.epoch}
-        logs.update({f"train/{k[:-4]}": v / max(window["real_here"], 1.0) for k, v in window.items()
-                     if k.endswith("_sum") and k != "loss_sum"})  # other scalars: rank 0's micro-batches only
+        logs.update({f"train/{k}": v for k, v in scalar_means(window).items()})
         logs.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
         if logger:
             logger.log(logs, step=self.step)

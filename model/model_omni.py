@@ -41,6 +41,7 @@ class OmniConfig:
     vision: VisionConfig
     audio: AudioConfig
     query_num: int = 64             # resampler queries = LLM tokens per image slice / per video frame group
+    resampler_heads: int = 0        # 0 = the original's rule, width // 128 (only 2 heads at the tiny width)
     scale_resolution: int = 448     # LLaVA-UHD slicing: each slice is about scale_resolution^2 pixels
     max_slice_nums: int = 9
     video_group_size: int = 6       # frames that share one set of query_num tokens (3-D resampler)
@@ -66,7 +67,7 @@ class OmniConfig:
                                     num_attention_heads=4, image_size=112, patch_size=14),
                 audio=AudioConfig(num_mel_bins=80, d_model=128, encoder_layers=3, encoder_attention_heads=4,
                                   encoder_ffn_dim=512, max_source_positions=1500),
-                query_num=16, scale_resolution=112, max_slice_nums=4, video_max_frames=8)
+                query_num=16, resampler_heads=8, scale_resolution=112, max_slice_nums=4, video_max_frames=8)
         if name == "qwen3_0_6b":  # Qwen3-0.6B + SigLIP2-so400m-patch14-384 + Whisper-medium encoder
             return OmniConfig(
                 llm=LLMConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -216,6 +217,13 @@ class Resampler(nn.Module):
         return self.attend(grouped_k.view(*flat, -1), grouped_v.view(*flat, -1), ~grouped_m.view(flat))
 
 
+def relative_error(slots: torch.Tensor, standins: torch.Tensor) -> torch.Tensor:
+    """[..., D] image slots vs their word stand-ins (targets only, detached): mean squared distance relative to the
+    stand-ins' mean squared norm (0 = exact, 1 = as far as predicting zeros)."""
+    target = standins.detach().float()
+    return ((slots.float() - target) ** 2).sum(-1).mean() / (target ** 2).sum(-1).mean()
+
+
 # ----------------------------------------------------------------------------- audio projector
 class AudioProjector(nn.Module):
     """Whisper states (50/s) -> LLM width, then average pooling (k = s = pool_step) -> 10 tokens/s by default."""
@@ -268,7 +276,8 @@ class OmniModel(nn.Module):
         width = config.llm.hidden_size
         self.llm = Qwen3ForCausalLM(config.llm)
         self.vision_tower = SiglipVisionModel(config.vision)
-        self.resampler = Resampler(config.query_num, width, kv_dim=config.vision.hidden_size)
+        self.resampler = Resampler(config.query_num, width, kv_dim=config.vision.hidden_size,
+                                   num_heads=config.resampler_heads or None)
         self.audio_tower = WhisperEncoder(config.audio)
         self.audio_projector = AudioProjector(config.audio.d_model, width, config.audio_pool_step)
         self.talker = Talker(config.talker, width, config.llm.vocab_size) if config.talker else None
@@ -371,8 +380,7 @@ class OmniModel(nn.Module):
         rows = described & (input_ids == self.config.image_pad_id)                   # [B, T]
         if not rows.any():
             return None
-        target = standins[rows].detach().float()                                     # [N, D]
-        return ((embeds[rows].float() - target) ** 2).sum(-1).mean() / (target ** 2).sum(-1).mean()
+        return relative_error(embeds[rows], standins[rows])
 
     def forward(self, input_ids, attention_mask=None, labels=None, speech_codes=None, speech_lens=None,
                 speech_voices=None, speech_text_mask=None, **media) -> dict:

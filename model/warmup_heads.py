@@ -8,6 +8,9 @@ ToyWorld's ground truth, thrown away after the warm-up (only the tower's weights
 - VisionWarmup: per 3x3-cell colour / shape / size classification from the patches inside each cell (so every
   patch feature must describe what is under it, which is what the resampler's positional keys then route),
   plus a CTC head reading rendered text left to right over patch columns (glyph features for OCR).
+- SlotWarmup: no head of its own: the resampler learns to write each scene cell's word stand-in into that cell's
+  slot, from the frozen warmed-up tower (the stand-in loss of `align` without the LLM: ~20x cheaper per step, and
+  it needs thousands of scenes before the queries pick out their cells).
 - AudioWarmup: a CTC head over the encoder frames (50/s) predicting the transcript's characters, as Whisper's
   encoder was shaped by ASR.
 """
@@ -15,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.model_omni import OmniModel, relative_error
+
 CELL_FIELDS = {"color": 7, "shape": 5, "size": 3}  # class 0 = empty cell; ToyWorld has 6 colours, 4 shapes, 2 sizes
+# Shape is learned last and slowest (colour and size are linear in a cell's mean pixel; shape needs the layout of
+# its patches): weighted up, a tiny tower's held-out shape accuracy is 0.95 after 800 steps instead of 0.81.
+FIELD_WEIGHTS = {"color": 1.0, "shape": 3.0, "size": 1.0}
 
 
 def cell_pooling(grid: int, image_size: int, patch_size: int) -> torch.Tensor:
@@ -56,7 +64,8 @@ class VisionWarmup(nn.Module):
             pooled = self.pool @ feats[:num_scenes]                               # [Ns, 9, D]
             logits = self.cell_head(pooled).split(list(CELL_FIELDS.values()), -1)
             for k, (name, field_logits) in enumerate(zip(CELL_FIELDS, logits)):
-                loss = loss + F.cross_entropy(field_logits.flatten(0, 1).float(), cells[..., k].flatten())
+                ce = F.cross_entropy(field_logits.flatten(0, 1).float(), cells[..., k].flatten())
+                loss = loss + FIELD_WEIGHTS[name] * ce
                 out[f"acc_{name}"] = (field_logits.argmax(-1) == cells[..., k]).float().mean()
         else:
             loss = loss + _anchor(self.cell_head)
@@ -70,6 +79,23 @@ class VisionWarmup(nn.Module):
         else:
             loss = loss + _anchor(self.text_head)
         return dict(out, loss=loss, num_tokens=torch.tensor(n * self.grid * self.grid))
+
+
+class SlotWarmup(nn.Module):
+    """The resampler (the only trainable part) on top of the frozen vision tower, fitted to the word stand-ins."""
+
+    def __init__(self, model: OmniModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, standin_ids) -> dict:
+        """pixel_values [N, 3, S, S] scenes, standin_ids Long[N, Q, W] the words each of their Q slots stands for."""
+        grid = pixel_values.shape[-1] // self.model.config.vision.patch_size
+        grid_hw = torch.tensor([[grid, grid]] * pixel_values.shape[0], device=pixel_values.device)
+        slots = self.model.embed_images(pixel_values, grid_hw)            # [N, Q, D]
+        standins, _ = self.model.embed_standins(standin_ids)              # [N, Q, D]
+        loss = relative_error(slots, standins)
+        return {"loss": loss, "standin_loss": loss.detach(), "num_tokens": torch.tensor(slots.shape[0] * slots.shape[1])}
 
 
 class AudioWarmup(nn.Module):

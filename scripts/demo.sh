@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole recipe on the tiny preset, on CPU, in one command (set-up included: scripts/setup.sh is idempotent):
-# build ToyWorld, warm up each tower, align, fine-tune, then score the held-out split.
+# build ToyWorld, warm up each tower (and the resampler's slots), align, fine-tune, then score the held-out split.
 #   bash scripts/demo.sh                       # DATA=data/toyworld OUT=out/demo
 #   DATA=/tmp/tw OUT=/tmp/demo bash scripts/demo.sh
 #   DPO=1 bash scripts/demo.sh                 # + the RLAIF-V DPO stage (pairs from the SFT model, DPO, eval)
@@ -36,8 +36,10 @@ run audio python train_pretrain_omni.py --stage audio --data "$DATA/pretrain.jso
   --init "$OUT/vision" --out "$OUT/audio" "${COMMON[@]}"
 run text python train_pretrain_omni.py --stage text --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
   --init "$OUT/audio" --out "$OUT/text" "${COMMON[@]}"
+run slots python train_pretrain_omni.py --stage slots --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
+  --init "$OUT/text" --out "$OUT/slots" "${COMMON[@]}"
 run align python train_pretrain_omni.py --stage align --data "$DATA/pretrain.jsonl" \
-  --init "$OUT/text" --out "$OUT/align" "${COMMON[@]}"
+  --init "$OUT/slots" --out "$OUT/align" "${COMMON[@]}"
 run sft python train_sft_omni.py --data "$DATA/sft.jsonl" --init "$OUT/align" --out "$OUT/sft" "${COMMON[@]}"
 run eval python eval_omni.py --ckpt "$OUT/sft" --bench "$DATA/test.jsonl" --out "$OUT/results.json"
 

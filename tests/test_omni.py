@@ -288,6 +288,17 @@ def test_config_json_round_trip(tmp_path):
         assert OmniConfig.load(tmp_path / "c.json") == cfg
 
 
+def test_resampler_heads_follow_the_original_rule_unless_set():
+    """width // 128 heads (MiniCPM-o: 8 at Qwen3-0.6B's 1024); the tiny preset sets 8 (its rule would give 2), and a
+    config saved before the field existed keeps the rule."""
+    with torch.device("meta"):
+        assert OmniModel(OmniConfig.preset("qwen3_0_6b")).resampler.attn.num_heads == 8
+        tiny = OmniConfig.preset("tiny")
+        assert OmniModel(tiny).resampler.attn.num_heads == 8
+        old = {k: v for k, v in tiny.to_dict().items() if k != "resampler_heads"}
+        assert OmniModel(OmniConfig.from_dict(old)).resampler.attn.num_heads == 256 // 128
+
+
 def test_qwen3_0_6b_preset_matches_real_model_sizes():
     # published sizes: Qwen3-0.6B 596,049,920 (tied embeddings); Whisper-medium encoder 307,216,384 (incl. the
     # 1500x1024 position table); SigLIP2-so400m-patch14-384 vision tower 412,987,248 without its pooling head.

@@ -17,14 +17,16 @@ import eval_omni
 import train_pretrain_omni
 import train_sft_omni
 from dataset.build_toyworld import build
-from model.model_omni import OmniModel
+from dataset.omni_dataset import OmniDataset
+from model.model_omni import OmniConfig, OmniModel
+from model.warmup_heads import SlotWarmup
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import cell_texts
-from stage_utils import TextDataset, build_model, omni_data, set_trainable
+from stage_utils import SlotWarmupData, TextDataset, build_model, collate_slots, omni_data, set_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4", "--log_every", "1"]
-STAGES = ["vision", "audio", "text", "align", "joint"]
+STAGES = ["vision", "audio", "text", "slots", "align", "joint"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,8 @@ def test_every_stage_saves_a_loadable_checkpoint(chain):
 
 
 def test_each_stage_trains_only_its_components(chain):
-    trains = {"audio": ["audio_tower."], "text": ["llm."], "align": ["resampler.", "audio_projector."],
+    trains = {"audio": ["audio_tower."], "text": ["llm."], "slots": ["resampler."],
+              "align": ["resampler.", "audio_projector."],
               "joint": ["vision_tower.", "audio_tower.", "llm.", "resampler.", "audio_projector."]}
     prev = "vision"
     for stage in STAGES[1:]:
@@ -169,6 +172,49 @@ def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
             assert sample["meta"]["answer"] in text
     results, _ = eval_omni.run_bench(model, processor, str(world / "test.jsonl"), standins=True)
     assert set(results["tasks"]) == {sample["task"] for sample, *_ in items}
+
+
+def test_slot_warmup_targets_are_aligns_stand_ins(chain, world):
+    """The slots stage fits each scene image's slots to exactly the words `align` (OmniDataset) puts behind that
+    image's pads: the same cell texts in the same slot order, and the pad itself in the spare slots."""
+    model, tokenizer = OmniModel.from_pretrained(str(chain / "text")), load_tokenizer(str(chain / "text"))
+    slots = SlotWarmupData([str(world / "pretrain.jsonl")], tokenizer, model.config)
+    aligned = OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024, standins=True)
+    checked = 0
+    for k, (_, sample) in enumerate(aligned.records):
+        if sample["task"] != "caption":
+            continue
+        path = str(world / sample["images"][0])
+        item = next(slots[j] for j, (p, _) in enumerate(slots.items) if p == path)
+        pads = aligned[k]
+        rows = pads["input_ids"] == model.config.image_pad_id
+        want = pads["standin_ids"][rows]                                         # [Q, W]
+        got = item["standin_ids"]
+        assert torch.equal(got[:, :want.shape[1]], want) and (got[:, want.shape[1]:] == -1).all()
+        assert slot_words(tokenizer, got)[:9] == cell_texts(sample["lang"], sample["meta"]["scene"]["objects"])
+        checked += 1
+    assert checked >= 2
+
+
+def test_slot_warmup_fits_the_resampler_alone(world):
+    """A few dozen steps on 8 scenes shrink the slots' distance to their stand-ins; only the resampler moves."""
+    torch.manual_seed(0)
+    model = OmniModel(OmniConfig.preset("tiny"))
+    tokenizer = load_tokenizer(str(world / "tokenizer"))
+    model.config.set_token_ids(tokenizer)
+    set_trainable(model, ["resampler"])
+    data = SlotWarmupData([str(world / "pretrain.jsonl"), str(world / "sft.jsonl")], tokenizer, model.config)
+    assert len(data) >= 8
+    batch = collate_slots([data[i] for i in range(8)])
+    net, tower = SlotWarmup(model), {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 2e-3)
+    losses = []
+    for _ in range(40):
+        loss = net(**batch)["loss"]
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in tower.items())
 
 
 def test_warmup_refuses_pretrained_towers(chain, monkeypatch):

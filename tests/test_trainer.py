@@ -148,6 +148,13 @@ def test_gradient_is_the_mean_over_real_micro_batches(tmp_path):
             torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_logged_scalars_average_over_the_batches_that_report_them():
+    """standin_loss 0.6 in one of three micro-batches (the only one with scenes) logs as 0.6, not 0.2."""
+    window = {"loss_sum": 6.0, "n_real": 3.0, "standin_loss_sum": 0.6, "standin_loss_count": 1,
+              "acc_sum": 2.4, "acc_count": 3}
+    assert trainer.scalar_means(window) == pytest.approx({"standin_loss": 0.6, "acc": 0.8})
+
+
 def test_frozen_modules_run_in_eval_mode(tmp_path):
     model = toy_train.train(toy_args(tmp_path, "--max_steps", "1")).model
     assert model.training and model.block.training and not model.frozen.training
