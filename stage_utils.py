@@ -252,15 +252,13 @@ def _cell_of(obj: dict, box: list[int], size: int) -> dict:
 
 
 class VisionWarmupData(Dataset):
-    """Items: a scene image (or all frames of a clip) with per-cell targets, or a square OCR image with its text."""
+    """Items: a scene image, or all frames of a clip, with per-cell targets."""
 
-    def __init__(self, paths: list[str], chars: list[str], image_size: int):
-        self.chars, self.size, self.items = chars, image_size, []
+    def __init__(self, paths: list[str], image_size: int):
+        self.size, self.items = image_size, []
         for root, s in jsonl_samples(paths):
             m, images = s.get("meta", {}), [os.path.join(root, p) for p in s.get("images") or []]
-            if s.get("task") == "ocr" and m.get("layout") == "square":
-                self.items.append(("text", images[0], m["text"]))
-            elif "scenes" in m:
+            if "scenes" in m:
                 self.items += [("scene", p, sc["objects"]) for p, sc in zip(images, m["scenes"])]
             elif "scene" in m and images:
                 self.items.append(("scene", images[0], m["scene"]["objects"]))
@@ -276,27 +274,18 @@ class VisionWarmupData(Dataset):
             return [m["objects"] + [_cell_of(m["object"], box, self.size)] for box in m["track"]]
         return [m["objects"] + ([m["object"]] if t >= m["appear_frame"] else []) for t in range(m["num_frames"])]
 
-    def __getitem__(self, i):
+    def __getitem__(self, i) -> list[tuple[torch.Tensor, torch.Tensor]]:
         kind, path, target = self.items[i]
-        if kind == "text":
-            return {"scenes": [], "texts": [(image_to_tensor(load_image(path)), encode_chars(target, self.chars))]}
         if kind == "scene":
-            return {"scenes": [(image_to_tensor(load_image(path)), scene_cells(target))], "texts": []}
+            return [(image_to_tensor(load_image(path)), scene_cells(target))]
         frames, _ = read_video(path, max_frames=64)
-        return {"scenes": [(image_to_tensor(f), scene_cells(objs)) for f, objs in
-                           zip(frames, self._video_frames(path, target))], "texts": []}
+        return [(image_to_tensor(f), scene_cells(objs)) for f, objs in zip(frames, self._video_frames(path, target))]
 
 
-def collate_vision(items: list[dict]) -> dict:
-    scenes = [x for it in items for x in it["scenes"]]
-    texts = [x for it in items for x in it["texts"]]
-    batch = {"pixel_values": torch.stack([px for px, _ in scenes + texts]), "num_scenes": len(scenes)}
-    if scenes:
-        batch["cells"] = torch.stack([c for _, c in scenes])                       # [Ns, 9, 3]
-    if texts:
-        batch["text"] = torch.nn.utils.rnn.pad_sequence([t for _, t in texts], batch_first=True)  # [No, L]
-        batch["text_lens"] = torch.tensor([len(t) for _, t in texts])
-    return batch
+def collate_vision(items: list[list]) -> dict:
+    scenes = [x for it in items for x in it]
+    return {"pixel_values": torch.stack([px for px, _ in scenes]),   # [N, 3, S, S]
+            "cells": torch.stack([c for _, c in scenes])}             # [N, 9, 3]
 
 
 class AudioWarmupData(Dataset):
@@ -356,12 +345,12 @@ def collate_slots(items: list[dict]) -> dict:
     return {"pixel_values": torch.stack([it["pixels"] for it in items]), "standin_ids": ids}  # [N, 3, S, S]
 
 
-def warmup_data(args, stage: str, config: OmniConfig, chars: list[str], tokenizer=None):
+def warmup_data(args, stage: str, config: OmniConfig, tokenizer=None):
     """-> (dataset, collate_fn, batches_fn) of the vision, slots or audio warm-up (plain shuffled batches)."""
     if stage == "slots":
         dataset, collate_fn = SlotWarmupData(args.data, tokenizer, config), collate_slots
     elif stage == "vision":
-        dataset, collate_fn = VisionWarmupData(args.data, chars, config.scale_resolution), collate_vision
+        dataset, collate_fn = VisionWarmupData(args.data, config.scale_resolution), collate_vision
     else:
-        dataset, collate_fn = AudioWarmupData(args.data, chars, config), collate_audio
+        dataset, collate_fn = AudioWarmupData(args.data, charset(args.data), config), collate_audio
     return dataset, collate_fn, partial(length_grouped_batches, [0] * len(dataset), args.batch_size, args.seed)

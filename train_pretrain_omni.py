@@ -11,7 +11,7 @@ the next one's --init (and a checkpoint eval_omni.py can chat with).
 
 Stages (see the README for the why):
 - vision / audio / text: the tiny recipe's stand-in for towers that arrive pretrained. The vision tower learns
-  per-cell colour/shape/size and reads text (CTC) from ToyWorld ground truth, the audio tower transcribes (CTC),
+  per-cell colour/shape/size from ToyWorld ground truth, the audio tower transcribes (CTC),
   the LLM learns ToyWorld's language with each medium replaced by its stand-in (a scene as one vector per cell in
   its image slots, speech as its transcript, ...). With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
 - slots (tiny recipe too): the resampler alone learns to write each scene cell's stand-in into that cell's slot,
@@ -25,7 +25,7 @@ Stages (see the README for the why):
 import argparse
 
 from model.warmup_heads import AudioWarmup, SlotWarmup, VisionWarmup
-from stage_utils import (add_model_args, build_model, charset, component_lrs, finish_stage, omni_data,
+from stage_utils import (add_model_args, build_model, component_lrs, finish_stage, omni_data,
                          set_trainable, text_data, warmup_data)
 from trainer import Trainer, add_common_args
 
@@ -33,7 +33,7 @@ DATA = "data/toyworld"
 WARMUP_DATA = [f"{DATA}/pretrain.jsonl", f"{DATA}/sft.jsonl"]  # every image, OCR text and transcript of the train split
 # Per-stage defaults (all overridable on the command line); lrs maps components to their learning rate.
 STAGES = {
-    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=3, batch_size=32, lr=2e-3, lrs={}),
+    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=5, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={}),  # not 2e-3: README
     "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=8, batch_size=16, lr=2e-3, lrs={}),
@@ -72,12 +72,11 @@ def main(argv=None):
                          f"({', '.join(model.config.external_weights)}) start at --stage align")
     set_trainable(model, args.train.split(","))
     if args.stage in ("vision", "audio"):  # a throw-away head on the tower; only the tower moves on
-        chars = charset(args.data)
-        net = (VisionWarmup(model.vision_tower, model.config.scale_resolution, len(chars)) if args.stage == "vision"
-               else AudioWarmup(model.audio_tower, len(chars)))
-        data = warmup_data(args, args.stage, model.config, chars)
+        data = warmup_data(args, args.stage, model.config)
+        net = (VisionWarmup(model.vision_tower, model.config.scale_resolution) if args.stage == "vision"
+               else AudioWarmup(model.audio_tower, len(data[0].chars)))
     elif args.stage == "slots":
-        net, data = SlotWarmup(model), warmup_data(args, args.stage, model.config, [], tokenizer)
+        net, data = SlotWarmup(model), warmup_data(args, args.stage, model.config, tokenizer)
     elif args.stage == "text":
         net, data = model, text_data(args, tokenizer, model.config.query_num)
     else:

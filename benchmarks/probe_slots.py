@@ -36,7 +36,8 @@ def probe(ckpt: str, data: str, limit: int) -> dict:
     def code(words: list[str]) -> torch.Tensor:
         return codes[tokenizer(" " + " ".join(words), add_special_tokens=False)["input_ids"]].sum(0)
 
-    candidates = torch.stack([torch.stack([code([pos[0], *obj]) for obj in OBJECTS]) for pos in POSITIONS])  # [9, 49, D]
+    candidates = torch.stack([torch.stack([code([pos[0], *obj]) for obj in OBJECTS])
+                              for pos in POSITIONS])                               # [9, 49, D]
     slots, standins, truth = [], [], []
     for k, (_, sample) in enumerate(dataset.records):
         scene = (sample.get("meta") or {}).get("scene")
@@ -50,8 +51,9 @@ def probe(ckpt: str, data: str, limit: int) -> dict:
         rows = batch["input_ids"][0] == model.config.image_pad_id
         slots.append(model.embed_inputs(batch["input_ids"], media)[0][rows])      # [Q, D]
         standins.append(model.embed_standins(batch["standin_ids"])[0][0][rows])   # [Q, D]
-        assert cell_texts("en", scene["objects"]) == [" ".join([p[0], *o]) for p, o in zip(POSITIONS, cell_of(scene["objects"]))]
-        truth.append(cell_of(scene["objects"]))
+        cells = cell_of(scene["objects"])  # the candidates' word order must be the stand-ins' (cell_texts)
+        assert cell_texts("en", scene["objects"]) == [" ".join([p[0], *o]) for p, o in zip(POSITIONS, cells)]
+        truth.append(cells)
         if len(truth) == limit:
             break
     slots, standins = torch.stack(slots), torch.stack(standins)                   # [N, Q, D]

@@ -6,8 +6,9 @@ learning to talk. These heads reproduce "arrives pretrained" in a minute each: d
 ToyWorld's ground truth, thrown away after the warm-up (only the tower's weights move on to `align`).
 
 - VisionWarmup: per 3x3-cell colour / shape / size classification from the patches inside each cell (so every
-  patch feature must describe what is under it, which is what the resampler's positional keys then route),
-  plus a CTC head reading rendered text left to right over patch columns (glyph features for OCR).
+  patch feature must describe what is under it, which is what the resampler's positional keys then route).
+  (A CTC head reading rendered text over patch columns was tried: it stayed at the character prior in the budget
+  and slowed shape down; see docs/experiments.md.)
 - SlotWarmup: no head of its own: the resampler learns to write each scene cell's word stand-in into that cell's
   slot, from the frozen warmed-up tower (the stand-in loss of `align` without the LLM: ~20x cheaper per step, and
   it needs thousands of scenes before the queries pick out their cells).
@@ -35,49 +36,29 @@ def cell_pooling(grid: int, image_size: int, patch_size: int) -> torch.Tensor:
     return pool / pool.sum(1, keepdim=True)
 
 
-def _anchor(*modules: nn.Module) -> torch.Tensor:
-    """0 * params of heads a batch did not use, so DDP sees a gradient for every trainable parameter."""
-    return sum((p.sum() * 0.0 for m in modules for p in m.parameters()), torch.zeros(()))
-
-
 class VisionWarmup(nn.Module):
-    """vision tower + cell attribute heads + column CTC head. All images are square, image_size pixels."""
+    """vision tower + cell attribute heads. All images are square, image_size pixels."""
 
-    def __init__(self, tower: nn.Module, image_size: int, num_chars: int, steps_per_column: int = 4):
+    def __init__(self, tower: nn.Module, image_size: int):
         super().__init__()
         cfg = tower.config
         self.vision_tower = tower
         self.grid = image_size // cfg.patch_size
         self.register_buffer("pool", cell_pooling(self.grid, image_size, cfg.patch_size), persistent=False)
         self.cell_head = nn.Linear(cfg.hidden_size, sum(CELL_FIELDS.values()))
-        self.steps = steps_per_column
-        self.text_head = nn.Linear(cfg.hidden_size, steps_per_column * (num_chars + 1))  # + CTC blank (id 0)
 
-    def forward(self, pixel_values, cells=None, text=None, text_lens=None, num_scenes: int = 0) -> dict:
-        """pixel_values [N, 3, S, S]: the first num_scenes are scenes (cells Long[num_scenes, 9, 3]: colour,
-        shape, size class per cell), the rest rendered text (text Long[N - num_scenes, L], 1-based char ids)."""
+    def forward(self, pixel_values, cells) -> dict:
+        """pixel_values [N, 3, S, S] scenes, cells Long[N, 9, 3]: colour, shape, size class per cell."""
         n = pixel_values.shape[0]
         grid_hw = torch.tensor([[self.grid, self.grid]] * n, device=pixel_values.device)
         feats, _ = self.vision_tower(pixel_values, grid_hw)                      # [N, g*g, D]
+        pooled = self.pool @ feats                                                # [N, 9, D]
+        logits = self.cell_head(pooled).split(list(CELL_FIELDS.values()), -1)
         loss, out = pixel_values.new_zeros(()), {}
-        if num_scenes:
-            pooled = self.pool @ feats[:num_scenes]                               # [Ns, 9, D]
-            logits = self.cell_head(pooled).split(list(CELL_FIELDS.values()), -1)
-            for k, (name, field_logits) in enumerate(zip(CELL_FIELDS, logits)):
-                ce = F.cross_entropy(field_logits.flatten(0, 1).float(), cells[..., k].flatten())
-                loss = loss + FIELD_WEIGHTS[name] * ce
-                out[f"acc_{name}"] = (field_logits.argmax(-1) == cells[..., k]).float().mean()
-        else:
-            loss = loss + _anchor(self.cell_head)
-        if n > num_scenes:
-            cols = feats[num_scenes:].view(n - num_scenes, self.grid, self.grid, -1).mean(1)  # [No, g, D]
-            logits = self.text_head(cols).view(n - num_scenes, self.grid * self.steps, -1)     # [No, g*steps, C+1]
-            logp = logits.float().log_softmax(-1).transpose(0, 1)                              # [T, No, C+1]
-            lens = torch.full((n - num_scenes,), logp.shape[0], dtype=torch.long, device=logp.device)
-            out["ctc_text"] = F.ctc_loss(logp, text, lens, text_lens, zero_infinity=True)
-            loss = loss + out["ctc_text"]
-        else:
-            loss = loss + _anchor(self.text_head)
+        for k, (name, field_logits) in enumerate(zip(CELL_FIELDS, logits)):
+            ce = F.cross_entropy(field_logits.flatten(0, 1).float(), cells[..., k].flatten())
+            loss = loss + FIELD_WEIGHTS[name] * ce
+            out[f"acc_{name}"] = (field_logits.argmax(-1) == cells[..., k]).float().mean()
         return dict(out, loss=loss, num_tokens=torch.tensor(n * self.grid * self.grid))
 
 
@@ -95,7 +76,7 @@ class SlotWarmup(nn.Module):
         slots = self.model.embed_images(pixel_values, grid_hw)            # [N, Q, D]
         standins, _ = self.model.embed_standins(standin_ids)              # [N, Q, D]
         loss = relative_error(slots, standins)
-        return {"loss": loss, "standin_loss": loss.detach(), "num_tokens": torch.tensor(slots.shape[0] * slots.shape[1])}
+        return {"loss": loss, "standin_loss": loss.detach(), "num_tokens": torch.tensor(slots.shape[:2].numel())}
 
 
 class AudioWarmup(nn.Module):
