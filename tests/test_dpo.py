@@ -219,7 +219,8 @@ def test_dpo_loss_equals_hand_computed_value(setup):
                for b in range(2)]
     expected = sum(math.log(1 + math.exp(-x)) for x in margins) / 2
     out = model(**batch)
-    # rel 1e-4: row-by-row forwards vs the batched one differ in float rounding (~3e-5 relative), a wrong formula by far more
+    # rel 1e-4: row-by-row forwards and the batched one differ in float rounding (~3e-5 relative);
+    # a wrong formula differs by far more
     assert float(out["loss"]) == pytest.approx(expected, rel=1e-4) and abs(margins[0]) > 1e-3
     model.sft_weight = 0.3
     chosen_tokens = int((batch["labels"][:2, 1:] != -100).sum())
