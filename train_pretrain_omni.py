@@ -33,7 +33,7 @@ DATA = "data/toyworld"
 WARMUP_DATA = [f"{DATA}/pretrain.jsonl", f"{DATA}/sft.jsonl"]  # every image, OCR text and transcript of the train split
 # Per-stage defaults (all overridable on the command line); lrs maps components to their learning rate.
 STAGES = {
-    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=5, batch_size=32, lr=2e-3, lrs={}),
+    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=8, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={}),  # not 2e-3: README
     "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=8, batch_size=16, lr=2e-3, lrs={}),
