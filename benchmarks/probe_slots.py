@@ -20,24 +20,14 @@ OBJECTS = [()] + [(c, s, z) for c in COLORS for s in SHAPES for z in SIZES]  # (
 SCENE_TASKS = ("caption", "color", "shape", "count", "position")
 
 
-def cell_of(objects: list[dict]) -> list[tuple]:
-    cells = [()] * 9
-    for o in objects:
-        cells[o["cell"][0] * 3 + o["cell"][1]] = (o["color"], o["shape"], o["size"])
-    return cells
-
-
 @torch.no_grad()
 def probe(ckpt: str, data: str, limit: int) -> dict:
     model, tokenizer = OmniModel.from_pretrained(ckpt).eval(), load_tokenizer(ckpt)
     dataset = OmniDataset(data, tokenizer, model.config, 2048, standins=True)
     codes = model.word_codes()
-
-    def code(words: list[str]) -> torch.Tensor:
-        return codes[tokenizer(" " + " ".join(words), add_special_tokens=False)["input_ids"]].sum(0)
-
-    candidates = torch.stack([torch.stack([code([pos[0], *obj]) for obj in OBJECTS])
-                              for pos in POSITIONS])                               # [9, 49, D]
+    texts = [[" ".join([pos[0], *obj]) for obj in OBJECTS] for pos in POSITIONS]  # [9][49], cell_texts' wording
+    candidates = torch.stack([torch.stack([codes[tokenizer(" " + t, add_special_tokens=False)["input_ids"]].sum(0)
+                                           for t in row]) for row in texts])      # [9, 49, D]
     slots, standins, truth = [], [], []
     for k, (_, sample) in enumerate(dataset.records):
         scene = (sample.get("meta") or {}).get("scene")
@@ -51,9 +41,7 @@ def probe(ckpt: str, data: str, limit: int) -> dict:
         rows = batch["input_ids"][0] == model.config.image_pad_id
         slots.append(model.embed_inputs(batch["input_ids"], media)[0][rows])      # [Q, D]
         standins.append(model.embed_standins(batch["standin_ids"])[0][0][rows])   # [Q, D]
-        cells = cell_of(scene["objects"])  # the candidates' word order must be the stand-ins' (cell_texts)
-        assert cell_texts("en", scene["objects"]) == [" ".join([p[0], *o]) for p, o in zip(POSITIONS, cells)]
-        truth.append(cells)
+        truth.append([OBJECTS[row.index(t)] for row, t in zip(texts, cell_texts("en", scene["objects"]))])
         if len(truth) == limit:
             break
     slots, standins = torch.stack(slots), torch.stack(standins)                   # [N, Q, D]
