@@ -15,11 +15,11 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from dataset.build_toyworld import ASK, follow_up_questions, gen_scene_qa
-from dataset.chat import MARKERS, slot_standin_ids, tokenize_conversation
+from dataset.chat import MARKERS, lookup_targets, slot_standin_ids, tokenize_conversation
 from dataset.media import audio_features, image_to_tensor, load_image, read_video
 from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
 from dataset.tokenizer import load_tokenizer
-from dataset.toyworld_text import describe_media, scene_slots
+from dataset.toyworld_text import describe_media, queried_cells, scene_slots
 from model.lora import apply_lora, merge_lora
 from model.model_omni import (AUDIO_END, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END, VIDEO_START,
                               OmniConfig, OmniModel)
@@ -44,6 +44,9 @@ def add_model_args(parser, data: list[str], tasks: str = ""):
     g.add_argument("--standin_weight", type=float, default=1.0,
                    help="weight of the stand-in loss: ToyWorld image slots pulled towards their cells' word codes "
                         "(0 = off; only after the tiny text warm-up, whose LLM learned to read them)")
+    g.add_argument("--lookup_weight", type=float, default=0.0,
+                   help="weight of the lookup loss: at a ToyWorld colour/shape/position answer, attention of the "
+                        "LLM's middle layer pulled onto the slot of the object asked about (0 = off)")
     g.add_argument("--train", default="", help="comma-separated components that train: vision,audio,llm,resampler,"
                                                 "audio_projector (projectors = both projectors)")
     return parser
@@ -74,7 +77,7 @@ def build_model(args) -> tuple[OmniModel, object]:
     if len(tokenizer) > model.config.llm.vocab_size:
         raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the LLM only {model.config.llm.vocab_size} rows")
     model.config.set_token_ids(tokenizer)
-    model.standin_weight = args.standin_weight
+    model.standin_weight, model.lookup_weight = args.standin_weight, args.lookup_weight
     return model, tokenizer
 
 
@@ -166,9 +169,11 @@ def generated_scene_questions(n: int, seed: int, per_scene: int = 1) -> list[dic
     rng, tasks, samples = random.Random(seed), list(ASK), []
     for i in range(n):
         sample = gen_scene_qa(tasks[i % len(tasks)])(rng, "en", i, False)[0]
-        for question, answer in follow_up_questions(rng, "en", sample["meta"]["scene"], per_scene - 1):
+        turns = follow_up_questions(rng, "en", sample["meta"]["scene"], per_scene - 1)
+        for question, answer, _ in turns:
             sample["conversations"] += [{"role": "user", "content": question},
                                         {"role": "assistant", "content": answer}]
+        sample["meta"]["follow_up_cells"] = [cell for _, _, cell in turns]
         samples.append(sample)
     return samples
 
@@ -208,7 +213,10 @@ class TextDataset(Dataset):
         sample, expansions, slots = self.samples[i]
         input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)
         standin_ids = slot_standin_ids(input_ids, self.tokenizer, slots) if slots else None
-        return {"input_ids": input_ids, "labels": labels} | ({} if standin_ids is None else {"standin_ids": standin_ids})
+        lookup_slots = lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample)) if slots else None
+        return ({"input_ids": input_ids, "labels": labels}
+                | ({} if standin_ids is None else {"standin_ids": standin_ids})
+                | ({} if lookup_slots is None else {"lookup_slots": lookup_slots}))
 
 
 def text_data(args, tokenizer, query_num: int):

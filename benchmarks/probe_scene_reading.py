@@ -108,7 +108,8 @@ def make_batch(rng: random.Random, n: int, tasks: list[str], tokenizer, restate=
         if task in restate:
             answer = restated(task, answer, extra["query"])
         opening = question + "\n<image>" if question_first else "<image>\n" + question
-        turns = [(opening, answer)] + B.follow_up_questions(rng, "en", scene, questions - 1, tasks)
+        turns = [(opening, answer)] + [(q, a) for q, a, _ in B.follow_up_questions(rng, "en", scene, questions - 1,
+                                                                                    tasks)]
         sample = {"conversations": [{"role": role, "content": text} for q, a in turns
                                     for role, text in (("user", q), ("assistant", a))]}
         image = T.caption("en", scene["objects"]) if as_caption else IMAGE_PAD * CELLS

@@ -268,29 +268,32 @@ def unique_in(objs: list[dict], obj: dict, *keys: str) -> bool:
     return sum(all(o[k] == obj[k] for k in keys) for o in objs) == 1
 
 
-def follow_up_questions(rng, lang: str, scene: dict, k: int, tasks=tuple(ASK)) -> list[tuple[str, str]]:
-    """k more (question, answer) turns about the SAME scene, each of a random one of `tasks`: one conversation
-    then trains k lookups on one scene (text warm-up's --questions_per_scene, the probe's --questions)."""
-    objs, pairs = scene["objects"], []
-    while len(pairs) < k:
+def follow_up_questions(rng, lang: str, scene: dict, k: int,
+                        tasks=tuple(ASK)) -> list[tuple[str, str, list[int]]]:
+    """k more (question, answer, cells) turns about the SAME scene, each of a random one of `tasks`: one
+    conversation then trains k lookups on one scene (text warm-up's --questions_per_scene, the probe's --questions).
+    cells: the image slots the question is about, as toyworld_text.queried_cell gives them for a dataset sample."""
+    objs, turns = scene["objects"], []
+    while len(turns) < k:
         task, o = rng.choice(list(tasks)), rng.choice(objs)
         if task == "color":
             q = (T.color_question(lang, rng, shape=o["shape"]) if unique_in(objs, o, "shape")
                  else T.color_question(lang, rng, cell=cell_index(o)))
-            pairs.append((q, T.answer(lang, word(lang, o["color"], T.COLORS))))
+            turns.append((q, T.answer(lang, word(lang, o["color"], T.COLORS)), [cell_index(o)]))
         elif task == "shape":
             q = (T.shape_question(lang, rng, color=o["color"]) if unique_in(objs, o, "color")
                  else T.shape_question(lang, rng, cell=cell_index(o)))
-            pairs.append((q, T.answer(lang, word(lang, o["shape"], T.SHAPES))))
+            turns.append((q, T.answer(lang, word(lang, o["shape"], T.SHAPES)), [cell_index(o)]))
         elif task == "count":
             color = rng.choice(list(T.COLORS))
-            pairs.append((T.count_question(lang, rng, color=color),
-                          T.answer(lang, str(sum(p["color"] == color for p in objs)))))
+            counted = [cell_index(p) for p in objs if p["color"] == color]
+            turns.append((T.count_question(lang, rng, color=color), T.answer(lang, str(len(counted))),
+                          counted + [T.COUNT_ANCHOR]))
         elif unique_in(objs, o, "color", "shape"):
             pos = T.POSITIONS[cell_index(o)]
-            pairs.append((T.position_question(lang, rng, o["color"], o["shape"]),
-                          T.answer(lang, pos[0] if lang == "en" else pos[2])))
-    return pairs
+            turns.append((T.position_question(lang, rng, o["color"], o["shape"]),
+                          T.answer(lang, pos[0] if lang == "en" else pos[2]), [cell_index(o)]))
+    return turns
 
 
 def gen_scene_qa(task):

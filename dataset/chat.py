@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from model.model_omni import AUDIO_PAD, IMAGE_PAD, VIDEO_PAD
+from model.model_omni import AUDIO_PAD, IMAGE_PAD, IMAGE_START, VIDEO_PAD
 
 IGNORE_INDEX = -100
 MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
@@ -156,6 +156,26 @@ def slot_standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]])
     out[rows, 0] = pad
     for row, ids in words.items():
         out[row, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def lookup_targets(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer,
+                   cells: list[list[int] | None]) -> torch.Tensor | None:
+    """Long[T, K]: at the position that predicts the first token of the k-th answer, the rows of the image slots
+    cells[k] names (toyworld_text.queried_cells), -1 elsewhere and as padding; None unless the sample has exactly
+    one image, with a slot per cell and the count anchor, before its first answer. What OmniModel.lookup_loss asks
+    a head to look at."""
+    rows = torch.nonzero(input_ids == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).flatten()  # [n_pads]
+    trained = labels != IGNORE_INDEX
+    starts = torch.nonzero(trained & ~torch.cat([trained.new_zeros(1), trained[:-1]])).flatten()  # each answer
+    targets = [(start, c) for start, c in zip(starts.tolist(), cells) if c is not None]
+    if not targets or len(rows) <= max(max(c) for _, c in targets) or rows[-1] > starts[0]:
+        return None
+    if tokenizer.convert_tokens_to_ids(IMAGE_START) in input_ids[rows[0] + 1:rows[-1]].tolist():
+        return None                                                                # more than one image
+    out = torch.full((len(input_ids), max(len(c) for _, c in targets)), -1, dtype=torch.long)  # [T, K]
+    for start, c in targets:
+        out[start - 1, :len(c)] = rows[c]
     return out
 
 

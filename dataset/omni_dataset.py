@@ -6,7 +6,8 @@ mismatch, too long) are found in __getitem__, which then returns None and the co
 Every skip is counted by reason in `dataset.skipped` and warned with file:line; `strict=True` raises instead.
 Speech targets (an assistant turn's "speech" wav) become talker codes when the dataset is given the talker's codec.
 With standins=True, ToyWorld scenes also carry the word ids their image slots stand for (chat.slot_standin_ids),
-the target of the stand-in loss (OmniModel.standin_loss).
+the target of the stand-in loss (OmniModel.standin_loss), and the slot each scene question asks about (the lookup
+loss's target, OmniModel.lookup_loss).
 (With DataLoader workers, load-time skips are counted in the workers' copies; the warnings still show them.)
 """
 import json
@@ -19,9 +20,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.chat import (IGNORE_INDEX, MARKERS, SampleError, conversation_messages, count_markers,
-                          slot_standin_ids, tokenize_conversation)
+                          lookup_targets, slot_standin_ids, tokenize_conversation)
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
-from dataset.toyworld_text import scene_slots
+from dataset.toyworld_text import queried_cells, scene_slots
 
 MEDIA_KEYS = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -159,8 +160,11 @@ class OmniDataset(Dataset):
         speech = self._speech(sample["conversations"][-1], input_ids, labels) if self.codec is not None else {}
         slots = scene_slots(sample) if self.standins else None
         standin = slot_standin_ids(input_ids, self.tokenizer, slots) if slots else None
-        if standin is not None:
+        if standin is not None:  # slots in cell order: the lookup loss may point at the one a question asks about
             out["standin_ids"] = standin
+            lookups = lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample))
+            if lookups is not None:
+                out["lookup_slots"] = lookups
         return dict(out, **speech, input_ids=input_ids, labels=labels)
 
     def _speech(self, turn: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -221,6 +225,13 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
         parts = [s[key] for s in samples if key in s]
         if parts:
             batch[key] = torch.cat(parts)
+    lookups = [s.get("lookup_slots") for s in samples]
+    if any(x is not None for x in lookups):                                    # [B, T, Kmax], -1 = none
+        batch["lookup_slots"] = torch.full((B, T, max(x.shape[1] for x in lookups if x is not None)), -1,
+                                           dtype=torch.long)
+        for b, x in enumerate(lookups):
+            if x is not None:
+                batch["lookup_slots"][b, :x.shape[0], :x.shape[1]] = x
     standins = [s.get("standin_ids") for s in samples]
     if any(x is not None for x in standins):                                   # [B, T, Wmax], -1 = no word
         batch["standin_ids"] = torch.full((B, T, max(x.shape[1] for x in standins if x is not None)), -1,

@@ -203,6 +203,7 @@ class LLMOutput:
     logits: torch.Tensor | None         # [B, T, V], [B, 1, V] ("last"), [N, V] (bool logits_at) or None
     hidden_states: torch.Tensor         # [B, T, H] after the final norm
     cache: KVCache | None
+    attentions: torch.Tensor | None = None  # [B, nh, T, T] of the layer named by watch_layer, else None
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -232,8 +233,9 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model.embed_tokens
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                cache: KVCache | None = None, logits_at=None) -> LLMOutput:
+                cache: KVCache | None = None, logits_at=None, watch_layer: int | None = None) -> LLMOutput:
         """attention_mask [B, past+T] (1 = real, HF convention) covers the cached and the new tokens.
+        watch_layer: also return that layer's attention weights (training losses that steer a head; no cache).
 
         logits_at: None -> [B, T, V]; "last" -> [B, 1, V]; "none" -> no logits; Bool [B, T] -> [N, V] rows
         at the True positions (training never materialises [B, T, V] for a 151k vocabulary).
@@ -254,7 +256,10 @@ class Qwen3ForCausalLM(nn.Module):
         mask = build_attention_mask(attention_mask, T, past, h.device)  # [B|1, 1, T, S] or None (plain causal)
 
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None
-        for layer in self.model.layers:
+        attentions = None
+        for i, layer in enumerate(self.model.layers):
+            if i == watch_layer:
+                attentions = layer.self_attn.probabilities(layer.input_layernorm(h), cos, sin)  # [B, nh, T, T]
             if use_checkpoint:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:
@@ -269,7 +274,7 @@ class Qwen3ForCausalLM(nn.Module):
             logits = self.lm_head(h[:, -1:]) if logits_at == "last" else None  # [B, 1, V] or None
         else:
             logits = self.lm_head(h[logits_at])                 # [N, V]
-        return LLMOutput(logits=logits, hidden_states=h, cache=cache)
+        return LLMOutput(logits=logits, hidden_states=h, cache=cache, attentions=attentions)
 
     @classmethod
     def from_pretrained_hf(cls, folder: str, dtype=torch.float32) -> "Qwen3ForCausalLM":

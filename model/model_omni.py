@@ -284,6 +284,7 @@ class OmniModel(nn.Module):
         self.codec = None          # the talker's codec (model/codec.py); loaded with the checkpoint when saved in it
         self.speech_weight = 1.0   # loss = text loss + speech_weight * talker loss (train_sft_omni.py --speech_weight)
         self.standin_weight = 0.0  # + standin_weight * stand-in loss (stage scripts' --standin_weight)
+        self.lookup_weight = 0.0   # + lookup_weight * lookup loss (stage scripts' --lookup_weight)
         self._word_codes = None    # the stand-ins' fixed word vectors, built on first use (word_codes)
 
     def add_talker(self, config: TalkerConfig) -> "OmniModel":
@@ -383,13 +384,17 @@ class OmniModel(nn.Module):
         return relative_error(embeds[rows], standins[rows])
 
     def forward(self, input_ids, attention_mask=None, labels=None, speech_codes=None, speech_lens=None,
-                speech_voices=None, speech_text_mask=None, **media) -> dict:
+                speech_voices=None, speech_text_mask=None, lookup_slots=None, **media) -> dict:
         """Next-token loss over labelled positions only; logits are computed only where labels exist.
         With speech targets (speech_*: see speech_loss) the talker's loss is added, times speech_weight; with
-        images and their word stand-ins and a resampler that trains, the stand-in loss, times standin_weight."""
+        images and their word stand-ins and a resampler that trains, the stand-in loss, times standin_weight; with
+        lookup targets (lookup_slots: see lookup_loss), the lookup loss, times lookup_weight."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)
-        hidden = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none").hidden_states
+        looks = bool(self.lookup_weight) and lookup_slots is not None
+        llm_out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none",
+                           watch_layer=self.lookup_layer if looks else None)
+        hidden = llm_out.hidden_states
         out = {"num_tokens": attention_mask.sum() if attention_mask is not None else torch.tensor(input_ids.numel())}
         if labels is None:
             return out
@@ -403,6 +408,9 @@ class OmniModel(nn.Module):
         if standin_loss is not None:
             out["standin_loss"] = standin_loss
             loss = loss + self.standin_weight * standin_loss
+        if looks:
+            out["lookup_loss"] = self.lookup_loss(llm_out.attentions, lookup_slots)
+            loss = loss + self.lookup_weight * out["lookup_loss"]
         spoke = self.talker is not None and speech_lens is not None and bool((speech_lens > 0).any())
         if spoke:
             out["speech_loss"] = self.speech_loss(input_ids, hidden, speech_codes, speech_lens, speech_voices,
@@ -412,6 +420,28 @@ class OmniModel(nn.Module):
             loss = loss + self.unused_branch_anchor(media, spoke).to(loss.device)
         out.update(loss=loss, num_label_tokens=keep.sum())
         return out
+
+    @property
+    def lookup_layer(self) -> int:
+        """The layer whose first heads lookup_loss steers: the middle one, so the layers below can gather the
+        question at the answer position and the layers above can turn the slot they read into the answer word."""
+        return self.config.llm.num_hidden_layers // 2
+
+    def lookup_loss(self, attentions: torch.Tensor, lookup_slots: torch.Tensor) -> torch.Tensor:
+        """KL divergence from an even split over the image slots a scene question is about to the attention that the
+        heads sharing the first key/value head give them at the position that predicts the answer (lookup_slots
+        Long[B, T, K], -1 = none: the object asked about; for a count, every counted object and an anchor slot;
+        attentions [B, nh, T, T] of lookup_layer). The tiny recipe's stand-in for an LLM that arrives able to look
+        things up: a 4-layer LLM from scratch learns content lookup only after a long plateau (docs/experiments.md),
+        with this hint it is a direct target. Like the talker's guided attention, a training loss only."""
+        rows, cols = torch.nonzero((lookup_slots >= 0).any(-1), as_tuple=True)   # supervised (sample, position)
+        targets = lookup_slots[rows, cols]                                        # [N, K]
+        heads = self.config.llm.num_attention_heads // self.config.llm.num_key_value_heads
+        weights = attentions[rows, :heads, cols]                                  # [N, heads, T]
+        log_w = (weights.float() + 1e-6).log().gather(-1, targets.clamp(min=0)[:, None].expand(-1, heads, -1))
+        valid = (targets >= 0)[:, None].float()                                   # [N, 1, K]
+        spread = valid.sum(-1)                                                    # [N, 1] slots to split over
+        return -((log_w * valid).sum(-1) / spread + spread.log()).mean()           # 0 = exactly the even split
 
     def speech_loss(self, input_ids, hidden, speech_codes, speech_lens, speech_voices, speech_text_mask):
         """The talker's loss on the rows with a speech target: speech_codes Long[B, K, F] (speech_lens Long[B],

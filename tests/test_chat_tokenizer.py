@@ -6,10 +6,11 @@ import os
 import pytest
 import torch
 
-from dataset.chat import IGNORE_INDEX, SampleError, build_prompt, slot_standin_ids, tokenize_conversation
+from dataset.chat import (IGNORE_INDEX, SampleError, build_prompt, lookup_targets, slot_standin_ids,
+                          tokenize_conversation)
 from dataset.omni_dataset import collate, left_pad
 from dataset.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
-from model.model_omni import IMAGE_PAD, OmniConfig
+from model.model_omni import IMAGE_END, IMAGE_PAD, IMAGE_START, OmniConfig
 
 SAMPLES = [
     {"conversations": [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
@@ -135,6 +136,28 @@ def test_slot_standins_follow_the_image_pads(tok):
                              tok.pad_token_id))
     assert torch.equal(batch["standin_ids"][0, 3:], out) and (batch["standin_ids"][0, :3] == -1).all()
     assert torch.equal(batch["input_ids"][0, 3:], ids)
+
+
+def test_lookup_targets_sit_before_each_answer(tok):
+    """Per answer, the position that predicts its first token points at the image pads of its cells (None = that
+    turn has no target); K pads with -1; two images or too few pads for the cells asked give no targets."""
+    turns = [("<image>\nWhat colour is the circle?", "Red."), ("How many?", "2."), ("Hi?", "Yes.")]
+    sample = {"conversations": [{"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]}
+    block = IMAGE_START + IMAGE_PAD * 12 + IMAGE_END
+    ids, labels = tokenize_conversation(sample, tok, {"image": [block]})
+    out = lookup_targets(ids, labels, tok, [[4], [1, 3, 9], None])
+    pads = torch.nonzero(ids == tok.convert_tokens_to_ids(IMAGE_PAD)).flatten()
+    at = torch.nonzero((out >= 0).any(-1)).flatten()
+    assert out.shape == (len(ids), 3) and len(at) == 2
+    assert [tok.decode(ids[t + 1:])[:3] for t in at] == ["Red", "2.<"]
+    assert all(labels[t] == IGNORE_INDEX and labels[t + 1] == ids[t + 1] for t in at)
+    assert out[at[0]].tolist() == [pads[4], -1, -1] and out[at[1]].tolist() == pads[[1, 3, 9]].tolist()
+    assert lookup_targets(ids, labels, tok, [[12], None, None]) is None          # cell beyond the 12 pads
+    assert lookup_targets(ids, labels, tok, [None, None, None]) is None
+    two = dict(sample, conversations=[dict(sample["conversations"][0], content="<image><image>\nSame?"),
+                                      *sample["conversations"][1:]])
+    ids2, labels2 = tokenize_conversation(two, tok, {"image": [block, block]})
+    assert lookup_targets(ids2, labels2, tok, [[4], None, None]) is None
 
 
 @pytest.mark.skipif(qwen3_tokenizer_dir() is None,

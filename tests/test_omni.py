@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from model.model_llm import rope_cos_sin
 from model.model_omni import (AudioProjector, MediaInputs, OmniConfig, OmniModel, Resampler, audio_token_count,
                               sincos_2d)
 
@@ -219,6 +220,40 @@ def test_loss_ignores_minus_100_labels():
     expected = torch.nn.functional.cross_entropy(full[0, -4:-1], batch["input_ids"][0, -3:])
     assert torch.allclose(out["loss"], expected, atol=1e-5)
     assert int(out["num_label_tokens"]) == 3
+
+
+def test_lookup_loss_is_the_cross_entropy_of_the_watched_heads():
+    """watch_layer returns the weights its layer attends with (the input of that layer, captured by a hook, through
+    Attention.probabilities); lookup_loss = mean over the targeted positions and over the heads sharing the first
+    key/value head of the KL divergence from an even split over the target slots (hand-computed), added times
+    lookup_weight."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = OmniModel(cfg).eval()
+    batch = make_batch(cfg, with_audio=False)
+    labels = batch["input_ids"].clone()
+    T = labels.shape[1]
+    lookups = torch.full((1, T, 2), -1)
+    lookups[0, T - 2] = torch.tensor([3, 5])
+    lookups[0, T - 1, 0] = 4
+    seen = {}
+    layer = model.llm.model.layers[model.lookup_layer]
+    layer.input_layernorm.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    embeds = model.embed_inputs(batch["input_ids"], media_of(batch))
+    out = model.llm(inputs_embeds=embeds, logits_at="none", watch_layer=model.lookup_layer)
+    cos, sin = rope_cos_sin(torch.arange(T)[None], cfg.llm.head_dim, cfg.llm.rope_theta, embeds.dtype)
+    w = layer.self_attn.probabilities(seen["x"], cos, sin)                       # [1, nh, T, T]
+    assert torch.equal(out.attentions, w)
+    heads = cfg.llm.num_attention_heads // cfg.llm.num_key_value_heads
+    by_hand = torch.cat([-(w[0, :heads, T - 2, [3, 5]].log().mean(-1)) - math.log(2),
+                         -w[0, :heads, T - 1, 4].log()]).mean()
+    assert torch.allclose(model.lookup_loss(w, lookups), by_hand, atol=1e-5)
+    model.lookup_weight = 0.5
+    both = model(**batch, labels=labels, lookup_slots=lookups)
+    model.lookup_weight = 0.0
+    plain = model(**batch, labels=labels, lookup_slots=lookups)
+    assert "lookup_loss" not in plain and torch.allclose(both["lookup_loss"], by_hand, atol=1e-5)
+    assert torch.allclose(both["loss"], plain["loss"] + 0.5 * by_hand, atol=1e-5)
 
 
 def test_unused_modality_still_gets_gradient_path():
