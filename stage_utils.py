@@ -44,9 +44,10 @@ def add_model_args(parser, data: list[str], tasks: str = ""):
     g.add_argument("--standin_weight", type=float, default=1.0,
                    help="weight of the stand-in loss: ToyWorld image slots pulled towards their cells' word codes "
                         "(0 = off; only after the tiny text warm-up, whose LLM learned to read them)")
-    g.add_argument("--lookup_weight", type=float, default=0.0,
-                   help="weight of the lookup loss: at a ToyWorld colour/shape/position answer, attention of the "
-                        "LLM's middle layer pulled onto the slot of the object asked about (0 = off)")
+    g.add_argument("--lookup_weight", type=float, default=1.0,
+                   help="weight of the lookup loss: at the answer to a ToyWorld scene question, attention of the "
+                        "LLM's middle layer pulled onto the slots of the objects asked about (0 = off; only where "
+                        "the image slots stand for cells: the tiny recipe's text warm-up and later stages)")
     g.add_argument("--train", default="", help="comma-separated components that train: vision,audio,llm,resampler,"
                                                 "audio_projector (projectors = both projectors)")
     return parser
@@ -213,10 +214,10 @@ class TextDataset(Dataset):
         sample, expansions, slots = self.samples[i]
         input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)
         standin_ids = slot_standin_ids(input_ids, self.tokenizer, slots) if slots else None
-        lookup_slots = lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample)) if slots else None
-        return ({"input_ids": input_ids, "labels": labels}
-                | ({} if standin_ids is None else {"standin_ids": standin_ids})
-                | ({} if lookup_slots is None else {"lookup_slots": lookup_slots}))
+        if standin_ids is None:
+            return {"input_ids": input_ids, "labels": labels}
+        return {"input_ids": input_ids, "labels": labels, "standin_ids": standin_ids,
+                "lookup_slots": lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample))}
 
 
 def text_data(args, tokenizer, query_num: int):

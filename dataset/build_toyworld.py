@@ -268,31 +268,29 @@ def unique_in(objs: list[dict], obj: dict, *keys: str) -> bool:
     return sum(all(o[k] == obj[k] for k in keys) for o in objs) == 1
 
 
-def follow_up_questions(rng, lang: str, scene: dict, k: int,
-                        tasks=tuple(ASK)) -> list[tuple[str, str, list[int]]]:
-    """k more (question, answer, cells) turns about the SAME scene, each of a random one of `tasks`: one
-    conversation then trains k lookups on one scene (text warm-up's --questions_per_scene, the probe's --questions).
-    cells: the image slots the question is about, as toyworld_text.queried_cell gives them for a dataset sample."""
+def follow_up_questions(rng, lang: str, scene: dict, k: int, tasks=tuple(ASK)) -> list[tuple[str, str, int | None]]:
+    """k more (question, answer, cell) turns about the SAME scene, each of a random one of `tasks`: one conversation
+    then trains k lookups on one scene (text warm-up's --questions_per_scene, the probe's --questions). cell: the
+    grid cell of the object asked about, None for a count (as toyworld_text.queried_cell for a dataset sample)."""
     objs, turns = scene["objects"], []
     while len(turns) < k:
         task, o = rng.choice(list(tasks)), rng.choice(objs)
         if task == "color":
             q = (T.color_question(lang, rng, shape=o["shape"]) if unique_in(objs, o, "shape")
                  else T.color_question(lang, rng, cell=cell_index(o)))
-            turns.append((q, T.answer(lang, word(lang, o["color"], T.COLORS)), [cell_index(o)]))
+            turns.append((q, T.answer(lang, word(lang, o["color"], T.COLORS)), cell_index(o)))
         elif task == "shape":
             q = (T.shape_question(lang, rng, color=o["color"]) if unique_in(objs, o, "color")
                  else T.shape_question(lang, rng, cell=cell_index(o)))
-            turns.append((q, T.answer(lang, word(lang, o["shape"], T.SHAPES)), [cell_index(o)]))
+            turns.append((q, T.answer(lang, word(lang, o["shape"], T.SHAPES)), cell_index(o)))
         elif task == "count":
             color = rng.choice(list(T.COLORS))
-            counted = [cell_index(p) for p in objs if p["color"] == color]
-            turns.append((T.count_question(lang, rng, color=color), T.answer(lang, str(len(counted))),
-                          counted + [T.COUNT_ANCHOR]))
+            turns.append((T.count_question(lang, rng, color=color),
+                          T.answer(lang, str(sum(p["color"] == color for p in objs))), None))
         elif unique_in(objs, o, "color", "shape"):
             pos = T.POSITIONS[cell_index(o)]
             turns.append((T.position_question(lang, rng, o["color"], o["shape"]),
-                          T.answer(lang, pos[0] if lang == "en" else pos[2]), [cell_index(o)]))
+                          T.answer(lang, pos[0] if lang == "en" else pos[2]), cell_index(o)))
     return turns
 
 

@@ -159,23 +159,21 @@ def slot_standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]])
     return out
 
 
-def lookup_targets(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer,
-                   cells: list[list[int] | None]) -> torch.Tensor | None:
-    """Long[T, K]: at the position that predicts the first token of the k-th answer, the rows of the image slots
-    cells[k] names (toyworld_text.queried_cells), -1 elsewhere and as padding; None unless the sample has exactly
-    one image, with a slot per cell and the count anchor, before its first answer. What OmniModel.lookup_loss asks
-    a head to look at."""
+def lookup_targets(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer, cells: list[int | None]) -> torch.Tensor:
+    """Long[T]: at the position that predicts the first token of the k-th answer, the row of the image slot that
+    holds cells[k] (toyworld_text.queried_cells); -1 elsewhere, and everywhere unless the sample has exactly one
+    image, with a slot per cell, before its first answer. What OmniModel.lookup_loss asks a head to look at."""
+    out = torch.full_like(input_ids, -1)
     rows = torch.nonzero(input_ids == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).flatten()  # [n_pads]
     trained = labels != IGNORE_INDEX
     starts = torch.nonzero(trained & ~torch.cat([trained.new_zeros(1), trained[:-1]])).flatten()  # each answer
-    targets = [(start, c) for start, c in zip(starts.tolist(), cells) if c is not None]
-    if not targets or len(rows) <= max(max(c) for _, c in targets) or rows[-1] > starts[0]:
-        return None
+    if len(rows) < 9 or not len(starts) or rows[-1] > starts[0]:
+        return out
     if tokenizer.convert_tokens_to_ids(IMAGE_START) in input_ids[rows[0] + 1:rows[-1]].tolist():
-        return None                                                                # more than one image
-    out = torch.full((len(input_ids), max(len(c) for _, c in targets)), -1, dtype=torch.long)  # [T, K]
-    for start, c in targets:
-        out[start - 1, :len(c)] = rows[c]
+        return out                                                                 # more than one image
+    for start, cell in zip(starts.tolist(), cells):
+        if cell is not None:
+            out[start - 1] = rows[cell]
     return out
 
 

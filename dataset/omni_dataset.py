@@ -162,9 +162,7 @@ class OmniDataset(Dataset):
         standin = slot_standin_ids(input_ids, self.tokenizer, slots) if slots else None
         if standin is not None:  # slots in cell order: the lookup loss may point at the one a question asks about
             out["standin_ids"] = standin
-            lookups = lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample))
-            if lookups is not None:
-                out["lookup_slots"] = lookups
+            out["lookup_slots"] = lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample))
         return dict(out, **speech, input_ids=input_ids, labels=labels)
 
     def _speech(self, turn: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -225,13 +223,11 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
         parts = [s[key] for s in samples if key in s]
         if parts:
             batch[key] = torch.cat(parts)
-    lookups = [s.get("lookup_slots") for s in samples]
-    if any(x is not None for x in lookups):                                    # [B, T, Kmax], -1 = none
-        batch["lookup_slots"] = torch.full((B, T, max(x.shape[1] for x in lookups if x is not None)), -1,
-                                           dtype=torch.long)
-        for b, x in enumerate(lookups):
-            if x is not None:
-                batch["lookup_slots"][b, :x.shape[0], :x.shape[1]] = x
+    if any("lookup_slots" in s for s in samples):                               # [B, T], -1 = no lookup target
+        batch["lookup_slots"] = torch.full((B, T), -1, dtype=torch.long)
+        for b, s in enumerate(samples):
+            if "lookup_slots" in s:
+                batch["lookup_slots"][b, :len(s["lookup_slots"])] = s["lookup_slots"]
     standins = [s.get("standin_ids") for s in samples]
     if any(x is not None for x in standins):                                   # [B, T, Wmax], -1 = no word
         batch["standin_ids"] = torch.full((B, T, max(x.shape[1] for x in standins if x is not None)), -1,

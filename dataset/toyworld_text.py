@@ -335,26 +335,19 @@ def scene_slots(sample: dict) -> list[list[str]] | None:
     return [cell_texts(lang, sc["objects"]) for sc in scenes]
 
 
-COUNT_ANCHOR = 9  # a count question's lookup also targets this slot: the first spare one, after the 9 cells
-
-
-def queried_cell(sample: dict) -> list[int] | None:
-    """The image slots a scene question is about, for the lookup loss (OmniModel.lookup_loss): a colour / shape /
-    position question (also spoken, audio_qa): the grid cell (row-major 0-8) of the one object its meta.query
-    names; a count: the cells of every object it counts, plus COUNT_ANCHOR, so attention spread evenly over them
-    gives the anchor 1 / (count + 1), a share that says the count. None for other questions."""
+def queried_cell(sample: dict) -> int | None:
+    """The grid cell (row-major 0-8) of the one object a colour / shape / position question (also spoken, audio_qa)
+    asks about, from its meta.query; None for other questions. The image slot the answer must be read from: the
+    lookup loss (OmniModel.lookup_loss) points attention at it."""
     meta = sample.get("meta") or {}
     kind = meta.get("question_type") if sample.get("task") == "audio_qa" else sample.get("task")
-    if kind not in ("color", "shape", "position", "count") or "scene" not in meta or "query" not in meta:
+    if kind not in ("color", "shape", "position") or "scene" not in meta or not meta.get("query"):
         return None
-    cells = [o["cell"][0] * 3 + o["cell"][1] for o in meta["scene"]["objects"]
-             if all(o.get(k) == v for k, v in meta["query"].items())]
-    if kind == "count":
-        return cells + [COUNT_ANCHOR]
-    return cells if len(cells) == 1 else None
+    hits = [o for o in meta["scene"]["objects"] if all(o.get(k) == v for k, v in meta["query"].items())]
+    return hits[0]["cell"][0] * 3 + hits[0]["cell"][1] if len(hits) == 1 else None
 
 
-def queried_cells(sample: dict) -> list[list[int] | None]:
+def queried_cells(sample: dict) -> list[int | None]:
     """queried_cell of each assistant turn: the opening question's, then those of generated follow-up questions
     (meta.follow_up_cells, see build_toyworld.follow_up_questions)."""
     return [queried_cell(sample)] + list((sample.get("meta") or {}).get("follow_up_cells", []))

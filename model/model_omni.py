@@ -391,7 +391,7 @@ class OmniModel(nn.Module):
         lookup targets (lookup_slots: see lookup_loss), the lookup loss, times lookup_weight."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)
-        looks = bool(self.lookup_weight) and lookup_slots is not None
+        looks = bool(self.lookup_weight) and lookup_slots is not None and bool((lookup_slots >= 0).any())
         llm_out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none",
                            watch_layer=self.lookup_layer if looks else None)
         hidden = llm_out.hidden_states
@@ -428,20 +428,15 @@ class OmniModel(nn.Module):
         return self.config.llm.num_hidden_layers // 2
 
     def lookup_loss(self, attentions: torch.Tensor, lookup_slots: torch.Tensor) -> torch.Tensor:
-        """KL divergence from an even split over the image slots a scene question is about to the attention that the
-        heads sharing the first key/value head give them at the position that predicts the answer (lookup_slots
-        Long[B, T, K], -1 = none: the object asked about; for a count, every counted object and an anchor slot;
+        """-log of the attention that the heads sharing the first key/value head give, at the position that
+        predicts a scene answer, to the image slot of the object asked about (lookup_slots Long[B, T], -1 = none;
         attentions [B, nh, T, T] of lookup_layer). The tiny recipe's stand-in for an LLM that arrives able to look
         things up: a 4-layer LLM from scratch learns content lookup only after a long plateau (docs/experiments.md),
         with this hint it is a direct target. Like the talker's guided attention, a training loss only."""
-        rows, cols = torch.nonzero((lookup_slots >= 0).any(-1), as_tuple=True)   # supervised (sample, position)
-        targets = lookup_slots[rows, cols]                                        # [N, K]
+        rows, cols = torch.nonzero(lookup_slots >= 0, as_tuple=True)            # supervised (sample, position)
         heads = self.config.llm.num_attention_heads // self.config.llm.num_key_value_heads
-        weights = attentions[rows, :heads, cols]                                  # [N, heads, T]
-        log_w = (weights.float() + 1e-6).log().gather(-1, targets.clamp(min=0)[:, None].expand(-1, heads, -1))
-        valid = (targets >= 0)[:, None].float()                                   # [N, 1, K]
-        spread = valid.sum(-1)                                                    # [N, 1] slots to split over
-        return -((log_w * valid).sum(-1) / spread + spread.log()).mean()           # 0 = exactly the even split
+        weight = attentions[rows, :heads, cols, lookup_slots[rows, cols]]       # [N, heads]
+        return -(weight.float() + 1e-6).log().mean()
 
     def speech_loss(self, input_ids, hidden, speech_codes, speech_lens, speech_voices, speech_text_mask):
         """The talker's loss on the rows with a speech target: speech_codes Long[B, K, F] (speech_lens Long[B],

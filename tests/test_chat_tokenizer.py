@@ -139,25 +139,24 @@ def test_slot_standins_follow_the_image_pads(tok):
 
 
 def test_lookup_targets_sit_before_each_answer(tok):
-    """Per answer, the position that predicts its first token points at the image pads of its cells (None = that
-    turn has no target); K pads with -1; two images or too few pads for the cells asked give no targets."""
-    turns = [("<image>\nWhat colour is the circle?", "Red."), ("How many?", "2."), ("Hi?", "Yes.")]
+    """Per answer, the position that predicts its first token points at the image pad of its cell (None = that
+    turn has no target); two images, or too few pads for the 9 cells, give no targets."""
+    turns = [("<image>\nWhat colour is the circle?", "Red."), ("How many?", "2."), ("Where is it?", "Top.")]
     sample = {"conversations": [{"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]}
     block = IMAGE_START + IMAGE_PAD * 12 + IMAGE_END
     ids, labels = tokenize_conversation(sample, tok, {"image": [block]})
-    out = lookup_targets(ids, labels, tok, [[4], [1, 3, 9], None])
+    out = lookup_targets(ids, labels, tok, [4, None, 8])
     pads = torch.nonzero(ids == tok.convert_tokens_to_ids(IMAGE_PAD)).flatten()
-    at = torch.nonzero((out >= 0).any(-1)).flatten()
-    assert out.shape == (len(ids), 3) and len(at) == 2
-    assert [tok.decode(ids[t + 1:])[:3] for t in at] == ["Red", "2.<"]
+    at = torch.nonzero(out >= 0).flatten()
+    assert [tok.decode(ids[t + 1:])[:3] for t in at] == ["Red", "Top"]
     assert all(labels[t] == IGNORE_INDEX and labels[t + 1] == ids[t + 1] for t in at)
-    assert out[at[0]].tolist() == [pads[4], -1, -1] and out[at[1]].tolist() == pads[[1, 3, 9]].tolist()
-    assert lookup_targets(ids, labels, tok, [[12], None, None]) is None          # cell beyond the 12 pads
-    assert lookup_targets(ids, labels, tok, [None, None, None]) is None
+    assert out[at].tolist() == [pads[4], pads[8]]
+    few, few_labels = tokenize_conversation(sample, tok, {"image": [IMAGE_START + IMAGE_PAD * 8 + IMAGE_END]})
+    assert (lookup_targets(few, few_labels, tok, [4, None, 8]) == -1).all()
     two = dict(sample, conversations=[dict(sample["conversations"][0], content="<image><image>\nSame?"),
                                       *sample["conversations"][1:]])
     ids2, labels2 = tokenize_conversation(two, tok, {"image": [block, block]})
-    assert lookup_targets(ids2, labels2, tok, [[4], None, None]) is None
+    assert (lookup_targets(ids2, labels2, tok, [4, None, 8]) == -1).all()
 
 
 @pytest.mark.skipif(qwen3_tokenizer_dir() is None,

@@ -229,7 +229,7 @@ def test_lookup_loss_teaches_a_head_to_find_the_asked_slot(world):
     model.lookup_weight = 1.0
     data = TextDataset([], tokenizer, 16, scene_questions=8, seed=1, questions_per_scene=4)
     batch = collate([data[i] for i in range(8)], tokenizer.pad_token_id)
-    assert ((batch["lookup_slots"] >= 0).any(-1).sum(1) >= 3).all()       # every conversation asks >= 3 lookups
+    assert ((batch["lookup_slots"] >= 0).sum(1) >= 2).all()             # every conversation asks >= 2 lookups
     opt = torch.optim.Adam(model.llm.parameters(), 2e-3)
     losses = []
     for _ in range(30):
