@@ -45,9 +45,9 @@ def add_model_args(parser, data: list[str], tasks: str = ""):
                    help="weight of the stand-in loss: ToyWorld image slots pulled towards their cells' word codes "
                         "(0 = off; only after the tiny text warm-up, whose LLM learned to read them)")
     g.add_argument("--lookup_weight", type=float, default=1.0,
-                   help="weight of the lookup loss: at the answer to a ToyWorld scene question, attention of the "
-                        "LLM's middle layer pulled onto the slots of the objects asked about (0 = off; only where "
-                        "the image slots stand for cells: the tiny recipe's text warm-up and later stages)")
+                   help="weight of the lookup loss: at the answer to a ToyWorld colour/shape/position question, "
+                        "attention of the LLM's middle layer pulled onto the slot of the object asked about (0 = off; "
+                        "only where image slots stand for cells: the tiny recipe's text warm-up and later stages)")
     g.add_argument("--train", default="", help="comma-separated components that train: vision,audio,llm,resampler,"
                                                 "audio_projector (projectors = both projectors)")
     return parser

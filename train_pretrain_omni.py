@@ -13,7 +13,7 @@ Stages (see the README for the why):
 - vision / audio / text: the tiny recipe's stand-in for towers that arrive pretrained. The vision tower learns
   per-cell colour/shape/size from ToyWorld ground truth, the audio tower transcribes (CTC),
   the LLM learns ToyWorld's language with each medium replaced by its stand-in (a scene as one vector per cell in
-  its image slots, speech as its transcript, ...), plus 1,200 generated scenes of 6 questions each, where the lookup
+  its image slots, speech as its transcript, ...), plus 3,000 generated scenes of 6 questions each, where the lookup
   loss (--lookup_weight) points a middle-layer head at the slot a question asks about: what a pretrained LLM
   arrives able to do. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
 - slots (tiny recipe too): the resampler alone learns to write each scene cell's stand-in into that cell's slot,
@@ -38,9 +38,9 @@ STAGES = {
     "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=8, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={},  # not 2e-3: README
-                 scene_questions=1200, questions_per_scene=6),
-    "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=6, batch_size=16, lr=2e-3, lrs={}),
-    "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=2,
+                 scene_questions=3000, questions_per_scene=6),
+    "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=8, batch_size=16, lr=2e-3, lrs={}),
+    "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=3,
                   batch_size=16, lr=2e-3, lrs={}),
     "joint": dict(train="vision,audio,llm,projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr",
                   epochs=1, batch_size=16, lr=1e-3, lrs={"vision": 5e-4, "audio": 5e-4}),
