@@ -196,6 +196,19 @@ def test_slot_warmup_targets_are_aligns_stand_ins(chain, world):
     assert checked >= 2
 
 
+def adam_steps(loss_fn, params, steps: int, lr: float = 2e-3) -> list[float]:
+    """`steps` Adam steps on loss_fn() (one fixed batch): the loss before each step."""
+    opt = torch.optim.Adam(params, lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_slot_warmup_fits_the_resampler_alone(world):
     """A few dozen steps on 8 scenes halve the slots' distance to their stand-ins (which parts train in the real
     stage: test_each_stage_trains_only_its_components)."""
@@ -208,14 +221,7 @@ def test_slot_warmup_fits_the_resampler_alone(world):
     assert len(data) >= 8
     batch = collate_slots([data[i] for i in range(8)])
     net = SlotWarmup(model)
-    opt = torch.optim.Adam(model.resampler.parameters(), 2e-3)
-    losses = []
-    for _ in range(40):
-        loss = net(**batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_steps(lambda: net(**batch)["loss"], model.resampler.parameters(), 40)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -230,14 +236,7 @@ def test_lookup_loss_teaches_a_head_to_find_the_asked_slot(world):
     data = TextDataset([], tokenizer, 16, scene_questions=8, seed=1, questions_per_scene=4)
     batch = collate([data[i] for i in range(8)], tokenizer.pad_token_id)
     assert ((batch["lookup_slots"] >= 0).sum(1) >= 2).all()             # every conversation asks >= 2 lookups
-    opt = torch.optim.Adam(model.llm.parameters(), 2e-3)
-    losses = []
-    for _ in range(30):
-        loss = model(**batch)["lookup_loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_steps(lambda: model(**batch)["lookup_loss"], model.llm.parameters(), 30)
     assert losses[-1] < 0.5 * losses[0]
 
 
