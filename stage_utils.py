@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from dataset.build_toyworld import ASK, follow_up_questions, gen_scene_qa
 from dataset.chat import MARKERS, lookup_targets, slot_standin_ids, tokenize_conversation
 from dataset.media import audio_features, image_to_tensor, load_image, read_video
-from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
+from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import describe_media, queried_cells, scene_slots
 from model.lora import apply_lora, merge_lora
@@ -134,15 +134,6 @@ def omni_data(args, config, tokenizer, codec=None):
             partial(length_grouped_batches, lengths, args.batch_size, args.seed))
 
 
-def jsonl_samples(paths: list[str]):
-    """(folder of the file, sample) for every line of every jsonl: media paths in a sample are relative to it."""
-    for path in paths:
-        root = os.path.dirname(os.path.abspath(path))
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                yield root, json.loads(line)
-
-
 STANDIN_WRAP = {"image": (IMAGE_START, IMAGE_END), "audio": (AUDIO_START, AUDIO_END), "video": (VIDEO_START, VIDEO_END)}
 
 
@@ -224,9 +215,10 @@ def text_data(args, tokenizer, query_num: int):
     dataset = TextDataset(args.data, tokenizer, query_num, args.scene_questions, args.seed, args.questions_per_scene)
     lengths = [sum(len(t["content"]) for t in s["conversations"]) + sum(len(e) for es in x.values() for e in es)
                for s, x, _ in dataset.samples]
-    # mega_batches=1: plain shuffled batches. Grouping by length would sort the generated questions into batches of
-    # one question type, and the LLM then swings between types instead of learning the lookups.
-    return (dataset, partial(collate, pad_id=tokenizer.pad_token_id),
+    # mega_batches=1: plain shuffled batches. Grouping by length would sort the generated conversations into
+    # batches of their own, and the LLM then no longer learns the lookups (docs/experiments.md). pack_rows instead
+    # packs a batch's short samples into rows as long as its longest: the same loss on half the padded tokens.
+    return (dataset, partial(pack_rows, pad_id=tokenizer.pad_token_id),
             partial(length_grouped_batches, lengths, args.batch_size, args.seed, mega_batches=1))
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dataset.chat import conversation_messages
 from dataset.judge import JUDGED_TASKS, caption_size, false_claims
-from dataset.omni_dataset import collate, left_pad
+from dataset.omni_dataset import collate, jsonl_samples, left_pad
 from dataset.processor import OmniProcessor
 from model.model_omni import OmniModel
 
@@ -88,18 +88,17 @@ def make_pairs(samples: list[dict], answer_fn, k: int, max_pairs: int = 2, min_g
 
 
 # ----------------------------------------------------------------------------- sampling from the model
-def load_prompts(path: str, tasks: set[str], limit: int = 0) -> list[dict]:
-    """The samples of `tasks`, media paths made absolute (at most `limit` per task when limit > 0), grouped by task
-    so that a generate call holds answers of similar lengths (it runs until its longest answer ends)."""
-    root, per_task, samples = os.path.dirname(os.path.abspath(path)), Counter(), []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            sample = json.loads(line)
-            task = sample.get("task")
-            if task not in tasks or (limit and per_task[task] >= limit):
-                continue
-            per_task[task] += 1
-            samples.append(dict(sample, **{k: [os.path.join(root, p) for p in sample.get(k) or []] for k in MEDIA}))
+def load_prompts(paths: list[str], tasks: set[str], limit: int = 0) -> list[dict]:
+    """The samples of `tasks` in the jsonl files, media paths made absolute (at most `limit` per task when
+    limit > 0), grouped by task so that a generate call holds answers of similar lengths (it runs until its longest
+    answer ends)."""
+    per_task, samples = Counter(), []
+    for root, sample in jsonl_samples(paths):
+        task = sample.get("task")
+        if task not in tasks or (limit and per_task[task] >= limit):
+            continue
+        per_task[task] += 1
+        samples.append(dict(sample, **{k: [os.path.join(root, p) for p in sample.get(k) or []] for k in MEDIA}))
     return sorted(samples, key=lambda s: s["task"])
 
 
@@ -143,7 +142,8 @@ def write_pairs(records: list[dict], out: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="the checkpoint to sample from (the SFT stage output)")
-    p.add_argument("--data", default="data/toyworld/sft.jsonl", help="held-in prompts (the training split)")
+    p.add_argument("--data", nargs="+", default=["data/toyworld/sft.jsonl"],
+                   help="held-in prompts: jsonl files of the training split")
     p.add_argument("--out", default="data/toyworld/dpo.jsonl")
     p.add_argument("--tasks", default=",".join(JUDGED_TASKS), help="comma-separated subset of the judged tasks")
     p.add_argument("--limit", type=int, default=0, help="at most this many prompts per task (0 = all)")

@@ -81,20 +81,32 @@ def apply_rope(x, cos, sin):  # x [B, nh, T, hd], cos/sin [B, T, hd]
 
 
 def build_attention_mask(attention_mask, T: int, past: int, device):
-    """Bool [B|1, 1, T, past+T], True = may attend: causal AND the key is a real (non-pad) token.
+    """Bool [B|1, 1, T, past+T], True = may attend: causal AND the key is a real token of the query's sequence.
 
+    attention_mask [B, past+T]: 0 = pad, 1 = real (HF convention); a packed row numbers its sequences 1, 2, ...
+    (pack_rows), and a token then sees only the earlier tokens of its own sequence.
     A left-pad query would see no key at all (NaN softmax), so every query may always see itself.
     Returns None for the no-padding, no-cache case, so SDPA can take its fused `is_causal` path.
     """
-    if past == 0 and (attention_mask is None or bool(attention_mask.all())):
+    if past == 0 and (attention_mask is None or bool((attention_mask == 1).all())):
         return None
     q_pos = torch.arange(past, past + T, device=device)[:, None]  # [T, 1]
     k_pos = torch.arange(past + T, device=device)[None, :]        # [1, S]
     causal = k_pos <= q_pos                                       # [T, S]
     if attention_mask is None:
         return causal[None, None]                                 # [1, 1, T, S]
-    real = attention_mask.bool()[:, None, None, :]                # [B, 1, 1, S]
-    return causal & (real | (k_pos == q_pos))                     # [B, 1, T, S]
+    keys = attention_mask[:, None, None, :]                       # [B, 1, 1, S]
+    queries = attention_mask[:, None, past:, None]                # [B, 1, T, 1]
+    return causal & (((keys == queries) & (keys > 0)) | (k_pos == q_pos))  # [B, 1, T, S]
+
+
+def sequence_positions(attention_mask):
+    """[B, S] -> [B, S] RoPE positions: each token's distance from the start of its run of equal mask values, so a
+    left-padded prompt starts at 0 at its first real token and each sequence of a packed row starts at 0 again."""
+    idx = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+    starts = torch.ones_like(attention_mask, dtype=torch.bool)
+    starts[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(-1).values
 
 
 class KVCache:
@@ -150,14 +162,16 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, nh, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))       # [B, T, H]
 
-    def probabilities(self, x, cos, sin):  # x [B, T, H] -> [B, nh, T, T]
-        """The causal attention weights forward() uses (no cache): for losses that steer where a head looks."""
+    def probabilities(self, x, cos, sin, mask=None):  # x [B, T, H] -> [B, nh, T, T]
+        """The attention weights forward() uses (no cache; mask as forward's, None = causal): for losses that steer
+        where a head looks."""
         T = x.shape[1]
         q, k, _ = self.project(x, cos, sin)
         k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)       # [B, nh, T, hd]
         scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5      # [B, nh, T, T]
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 class MLP(nn.Module):
@@ -248,8 +262,8 @@ class Qwen3ForCausalLM(nn.Module):
         if attention_mask is not None and attention_mask.shape[1] != past + T:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, expected past+T = {past + T}")
         if position_ids is None:
-            if attention_mask is not None:  # left padding: the first real token gets position 0
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
+            if attention_mask is not None:  # left padding / packing: each sequence's first token gets 0
+                position_ids = sequence_positions(attention_mask)[:, past:]                    # [B, T]
             else:
                 position_ids = torch.arange(past, past + T, device=h.device).expand(B, T)      # [B, T]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)  # [B, T, hd]
@@ -259,7 +273,7 @@ class Qwen3ForCausalLM(nn.Module):
         attentions = None
         for i, layer in enumerate(self.model.layers):
             if i == watch_layer:
-                attentions = layer.self_attn.probabilities(layer.input_layernorm(h), cos, sin)  # [B, nh, T, T]
+                attentions = layer.self_attn.probabilities(layer.input_layernorm(h), cos, sin, mask)  # [B,nh,T,T]
             if use_checkpoint:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:

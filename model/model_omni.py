@@ -395,7 +395,7 @@ class OmniModel(nn.Module):
         llm_out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none",
                            watch_layer=self.lookup_layer if looks else None)
         hidden = llm_out.hidden_states
-        out = {"num_tokens": attention_mask.sum() if attention_mask is not None else torch.tensor(input_ids.numel())}
+        out = {"num_tokens": (attention_mask > 0).sum() if attention_mask is not None else torch.tensor(input_ids.numel())}
         if labels is None:
             return out
         targets = labels[:, 1:]                                   # position t predicts token t+1

@@ -11,7 +11,6 @@ cd "$(dirname "$0")/.."
 [ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 DATA=${DATA:-data/toyworld}
 OUT=${OUT:-out/demo}
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep: on a busy CPU, spinning ones steal cores
 COMMON=(--swanlab_mode "${SWANLAB_MODE:-offline}" --resume auto --log_every 25)
 mkdir -p "$OUT/logs"
 TIMES=()

@@ -127,7 +127,7 @@ def stub_answers(samples, k):
 
 
 def test_make_pairs_with_a_stubbed_sampler(world, tmp_path):
-    samples = load_prompts(str(world / "sft.jsonl"), {"caption", "count", "position"})
+    samples = load_prompts([str(world / "sft.jsonl")], {"caption", "count", "position"})
     records, stats = make_pairs(samples, stub_answers, k=3, prompts_per_call=4)
     assert stats["prompts"] == len(samples) == 6 and stats["pairs"] == 6  # one pair per prompt: 2 distinct answers
     for r, s in zip(records, samples):
@@ -162,7 +162,7 @@ def setup(world, tmp_path_factory):
     model.config.set_token_ids(tokenizer)
     model.save_pretrained(str(root / "init"))
     tokenizer.save_pretrained(str(root / "init"))
-    records, _ = make_pairs(load_prompts(str(world / "sft.jsonl"), {"caption", "count", "position"}), stub_answers, 3)
+    records, _ = make_pairs(load_prompts([str(world / "sft.jsonl")], {"caption", "count", "position"}), stub_answers, 3)
     write_pairs(records, str(world / "pairs.jsonl"))
     return root, world / "pairs.jsonl", tokenizer
 
@@ -171,7 +171,7 @@ def test_model_sampler_gives_k_answers_per_prompt(setup, world):
     root, _, _ = setup
     model = OmniModel.from_pretrained(str(root / "init")).eval()
     sampler = ModelSampler(model, OmniProcessor.from_pretrained(str(root / "init"), model.config), max_new_tokens=4)
-    samples = load_prompts(str(world / "sft.jsonl"), {"caption", "count"}, limit=1)
+    samples = load_prompts([str(world / "sft.jsonl")], {"caption", "count"}, limit=1)
     answers = sampler(samples, 3)
     assert [len(a) for a in answers] == [3, 3] and all(isinstance(a, str) for row in answers for a in row)
     again = ModelSampler(model, sampler.processor, max_new_tokens=4)(samples, 3)

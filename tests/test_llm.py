@@ -67,6 +67,23 @@ def test_left_padding(pair):
 
 
 @torch.no_grad()
+def test_packed_row_keeps_its_sequences_apart(pair):
+    """A packed row (attention_mask 1 1 1 1 1 2 2 2 2 0 0: pack_rows) gives each sequence the logits transformers
+    gives it alone, and the watched attention weights of the second never fall on the first."""
+    hf, ours, _ = pair
+    torch.manual_seed(2)
+    first, second = torch.randint(0, SMALL["vocab_size"], (1, 5)), torch.randint(0, SMALL["vocab_size"], (1, 4))
+    row = torch.cat([first, second, torch.zeros(1, 2, dtype=torch.long)], 1)
+    mask = torch.tensor([[1] * 5 + [2] * 4 + [0] * 2])
+    out = ours(row, attention_mask=mask, watch_layer=1)
+    report("packed row, first sequence", max_diff(out.logits[:, :5], hf(first).logits))
+    report("packed row, second sequence", max_diff(out.logits[:, 5:9], hf(second).logits))
+    assert out.attentions[0, :, 5:9, :5].abs().max() == 0
+    alone = ours(second, watch_layer=1).attentions
+    report("packed row, watched weights", max_diff(out.attentions[:, :, 5:9, 5:9], alone))
+
+
+@torch.no_grad()
 def test_kv_cache_decoding(pair):
     hf, ours, _ = pair
     ids, mask = padded_batch()

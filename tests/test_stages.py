@@ -17,7 +17,7 @@ import eval_omni
 import train_pretrain_omni
 import train_sft_omni
 from dataset.build_toyworld import build
-from dataset.omni_dataset import OmniDataset, collate
+from dataset.omni_dataset import OmniDataset, collate, pack_rows
 from model.model_omni import OmniConfig, OmniModel
 from model.warmup_heads import SlotWarmup
 from dataset.tokenizer import load_tokenizer
@@ -238,6 +238,40 @@ def test_lookup_loss_teaches_a_head_to_find_the_asked_slot(world):
     assert ((batch["lookup_slots"] >= 0).sum(1) >= 2).all()             # every conversation asks >= 2 lookups
     losses = adam_steps(lambda: model(**batch)["lookup_loss"], model.llm.parameters(), 30)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_packed_text_batch_gives_the_padded_batch_loss_and_gradients(world):
+    """The text warm-up packs its batches (pack_rows): a mix of dataset turns with stand-ins and long generated
+    conversations with lookup targets gives, in fewer rows, collate's loss, lookup loss, token counts and
+    gradients."""
+    torch.manual_seed(0)
+    model = OmniModel(OmniConfig.preset("tiny"))
+    tokenizer = load_tokenizer(str(world / "tokenizer"))
+    model.config.set_token_ids(tokenizer)
+    model.lookup_weight = 1.0
+    data = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=4, seed=1, questions_per_scene=4)
+    items = [data[i] for i in range(0, len(data), max(1, len(data) // 12))][:12] + [data[len(data) - 1]]
+    padded, packed = collate(items, tokenizer.pad_token_id), pack_rows(items, tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    assert int(packed["attention_mask"].max()) > 1 and "standin_ids" in packed and "lookup_slots" in packed
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        out = model(**batch)
+        out["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, grads_a), (b, grads_b) = results
+    for key in ("loss", "lookup_loss"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert a["num_tokens"] == b["num_tokens"] and a["num_label_tokens"] == b["num_label_tokens"]
+    assert grads_a.keys() == grads_b.keys()
+    assert max((grads_a[n] - grads_b[n]).abs().max().item() for n in grads_a) < 1e-5
+
+
+def test_pack_rows_refuses_media():
+    with pytest.raises(ValueError, match="pixel_values"):
+        pack_rows([{"input_ids": torch.ones(3, dtype=torch.long), "labels": torch.ones(3, dtype=torch.long),
+                    "pixel_values": [torch.zeros(3, 8, 8)]}], 0)
 
 
 def test_warmup_refuses_pretrained_towers(chain, monkeypatch):
