@@ -45,9 +45,11 @@ run eval python eval_omni.py --ckpt "$OUT/sft" --bench "$DATA/test.jsonl" --out 
 echo
 sed -n '/^task/,/^captions/p' "$OUT/logs/eval.log"
 if [ "${DPO:-0}" = 1 ]; then  # RLAIF-V: the SFT model's own answers, ranked by the claim judge, then DPO
+  # every held-in caption (pretrain + SFT splits) and position question; count pairs cost counting (README)
   [ -f "$OUT/dpo_pairs.jsonl" ] || run pairs python dataset/build_preferences.py --ckpt "$OUT/sft" \
-    --data "$DATA/sft.jsonl" --out "$OUT/dpo_pairs.jsonl" --limit 100
-  run dpo python train_dpo_omni.py --init "$OUT/sft" --data "$OUT/dpo_pairs.jsonl" --out "$OUT/dpo" "${COMMON[@]}"
+    --data "$DATA/sft.jsonl" "$DATA/pretrain.jsonl" --tasks caption,position --out "$OUT/dpo_pairs.jsonl"
+  run dpo python train_dpo_omni.py --init "$OUT/sft" --data "$OUT/dpo_pairs.jsonl" --sft_weight 1 --out "$OUT/dpo" \
+    "${COMMON[@]}"
   run eval_dpo python eval_omni.py --ckpt "$OUT/dpo" --bench "$DATA/test.jsonl" --out "$OUT/results_dpo.json"
   echo "after DPO:"
   sed -n '/^task/,/^captions/p' "$OUT/logs/eval_dpo.log"
