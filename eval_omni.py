@@ -88,7 +88,7 @@ def bench_prompts(path: str, tasks: set[str] | None, limit: int | None, standins
 
 
 @torch.no_grad()
-def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max_new_tokens=48, standins=False):
+def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max_new_tokens=128, standins=False):
     """-> (results {"tasks": {task: {metric, value, n}}}, per-sample records)."""
     device = next(model.parameters()).device
     items = list(bench_prompts(path, tasks, limit, standins, model.config.query_num))
@@ -146,7 +146,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=int, default=128, help="per answer, in chat and --bench")
     p.add_argument("--bench", help="jsonl to score (e.g. data/toyworld/test.jsonl)")
     p.add_argument("--out", help="where to write the benchmark results json")
     p.add_argument("--tasks", help="comma-separated subset of tasks")
@@ -165,7 +165,7 @@ def main(argv=None):
         t0 = time.time()
         results, records = run_bench(model, processor, args.bench, args.batch_size,
                                      set(args.tasks.split(",")) if args.tasks else None, args.limit,
-                                     standins=args.standins)
+                                     args.max_new_tokens, args.standins)
         print_table(results)
         print(f"scored {len(records)} samples in {time.time() - t0:.0f} s")
         if args.out:
