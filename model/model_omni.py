@@ -395,7 +395,8 @@ class OmniModel(nn.Module):
         llm_out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none",
                            watch_layer=self.lookup_layer if looks else None)
         hidden = llm_out.hidden_states
-        out = {"num_tokens": (attention_mask > 0).sum() if attention_mask is not None else torch.tensor(input_ids.numel())}
+        real = attention_mask > 0 if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        out = {"num_tokens": real.sum()}                          # a packed row numbers its sequences 1, 2, ...
         if labels is None:
             return out
         targets = labels[:, 1:]                                   # position t predicts token t+1
