@@ -264,16 +264,18 @@ def pack_rows(samples: list[dict | None], pad_id: int) -> dict | None:
     extra = {key for s in samples for key in s} - PACKABLE
     if extra:
         raise ValueError(f"pack_rows packs text-only samples ({sorted(PACKABLE)}), got {sorted(extra)}; use collate")
-    capacity, rows = max(len(s["input_ids"]) for s in samples), []
+    capacity, rows, used = max(len(s["input_ids"]) for s in samples), [], []  # used[r]: tokens in row r
     for s in sorted(samples, key=lambda s: -len(s["input_ids"])):
-        row = next((r for r in rows if sum(len(x["input_ids"]) for x in r) + len(s["input_ids"]) <= capacity), None)
-        if row is None:
-            rows.append([s])
-        else:
-            row.append(s)
+        n = len(s["input_ids"])
+        r = next((r for r, u in enumerate(used) if u + n <= capacity), len(rows))
+        if r == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[r].append(s)
+        used[r] += n
     batch = collate([_concatenate(row) for row in rows], pad_id)
     for r, row in enumerate(rows):                                           # [R, T]: 1, 1, 2, 2, 2, 0 (pad)
-        batch["attention_mask"][r, :sum(len(x["input_ids"]) for x in row)] = torch.cat(
+        batch["attention_mask"][r, :used[r]] = torch.cat(
             [torch.full((len(x["input_ids"]),), j + 1) for j, x in enumerate(row)])
     return batch
 
