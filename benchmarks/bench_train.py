@@ -1,6 +1,7 @@
 """Training speed of the tiny preset and the peak memory of one qwen3_0_6b SFT step (random weights, no download).
 
     python benchmarks/bench_train.py [--data data/toyworld] [--steps 20] [--tokens 2048]
+    python benchmarks/bench_train.py --text_packing [--data data/toyworld] [--steps 40]
 
 1. tiny: full SFT steps (every component trains, AdamW) on pre-collated ToyWorld SFT batches, so the number is
    the model's speed, not the data loader's: samples/s and tokens/s (prompt + answer + media tokens).
@@ -13,6 +14,7 @@
        same step with 1 and 2 decoder layers and extrapolated linearly to all layers (each layer adds the same)
      + the largest transient of backward: one layer's activations recomputed without checkpointing.
    The frozen towers run without any tensor requiring grad, so autograd saves nothing for them.
+3. --text_packing: the text warm-up's batches padded vs packed (pack_rows), same batches, same LLM, ratio.
 """
 import argparse
 import os
@@ -22,12 +24,29 @@ import time
 
 import torch
 
-from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches
+from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
 from model.model_omni import OmniConfig, OmniModel, audio_token_count
-from stage_utils import set_trainable
+from stage_utils import TextDataset, set_trainable
 
 GB = 1024 ** 3
+
+
+def timed_steps(model, batches: list[dict], samples: list[int], params) -> tuple[float, float]:
+    """-> (samples/s, real tokens/s) of AdamW steps on pre-collated batches (samples[k]: how many batch k holds);
+    the first 3 steps warm up the allocator and kernels and are not timed."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    n_samples = n_tokens = 0
+    for k, (batch, n) in enumerate(zip(batches, samples)):
+        if k == 3:
+            t0 = time.perf_counter()
+        model(**batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if k >= 3:
+            n_samples, n_tokens = n_samples + n, n_tokens + int((batch["attention_mask"] > 0).sum())
+    seconds = time.perf_counter() - t0
+    return n_samples / seconds, n_tokens / seconds
 
 
 def tiny_throughput(data: str, steps: int, batch_size: int = 16):
@@ -43,21 +62,37 @@ def tiny_throughput(data: str, steps: int, batch_size: int = 16):
     dataset = OmniDataset(os.path.join(data, "sft.jsonl"), tokenizer, config)
     order = length_grouped_batches(dataset.lengths, batch_size, seed=0, epoch=0)
     batches = [collate([dataset[i] for i in idx], tokenizer.pad_token_id) for idx in order[:steps + 3]]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    samples = tokens = 0
-    for k, batch in enumerate(batches):
-        if k == 3:  # the first steps warm up the allocator and kernels
-            t0 = time.perf_counter()
-        loss = model(**batch)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if k >= 3:
-            samples, tokens = samples + batch["input_ids"].shape[0], tokens + int(batch["attention_mask"].sum())
-    seconds = time.perf_counter() - t0
+    samples_per_s, tokens_per_s = timed_steps(model, batches, [b["input_ids"].shape[0] for b in batches],
+                                              model.parameters())
     n = sum(p.numel() for p in model.parameters())
     print(f"tiny preset ({n / 1e6:.1f}M params, {torch.get_num_threads()} threads, batch {batch_size}): "
-          f"{samples / seconds:.1f} samples/s, {tokens / seconds:.0f} tokens/s over {steps} SFT steps")
+          f"{samples_per_s:.1f} samples/s, {tokens_per_s:.0f} tokens/s over {steps} SFT steps")
+
+
+def text_packing(data: str, steps: int, scene_questions: int, questions_per_scene: int, batch_size: int = 16):
+    """The text warm-up's batches (the dataset's conversations with stand-ins + generated scenes, plainly shuffled)
+    collated padded (collate) and packed (pack_rows), the same batches on the same LLM: the share of computed
+    tokens that are real, and the speed of each."""
+    tokenizer = load_tokenizer(os.path.join(data, "tokenizer"))
+    config = OmniConfig.preset("tiny")
+    config.llm.vocab_size = -(-len(tokenizer) // 64) * 64
+    torch.manual_seed(0)
+    model = OmniModel(config.set_token_ids(tokenizer)).train()
+    model.lookup_weight = 1.0
+    set_trainable(model, ["llm"])
+    dataset = TextDataset([os.path.join(data, f) for f in ("pretrain.jsonl", "sft.jsonl")], tokenizer,
+                          config.query_num, scene_questions, 0, questions_per_scene)
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    order = length_grouped_batches(lengths, batch_size, seed=0, epoch=0, mega_batches=1)[:steps + 3]
+    speeds = {}
+    for name, collate_fn in (("padded", collate), ("packed", pack_rows)):
+        batches = [collate_fn([dataset[i] for i in idx], tokenizer.pad_token_id) for idx in order]
+        real = sum(int((b["attention_mask"] > 0).sum()) for b in batches) / sum(b["input_ids"].numel() for b in batches)
+        speeds[name], _ = timed_steps(model, batches, [len(idx) for idx in order],
+                                      [p for p in model.parameters() if p.requires_grad])
+        print(f"text warm-up, {name}: {real:.0%} of the computed tokens real, {speeds[name]:.1f} samples/s")
+    print(f"packed / padded: {speeds['packed'] / speeds['padded']:.2f}x over {steps} steps "
+          f"({len(dataset)} samples, {torch.get_num_threads()} threads)")
 
 
 def big_sample(config: OmniConfig, tokens: int, device) -> dict:
@@ -153,7 +188,13 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--skip_tiny", action="store_true")
+    p.add_argument("--text_packing", action="store_true",
+                   help="only compare the text warm-up's padded and packed batches (needs the full ToyWorld in --data)")
+    p.add_argument("--scene_questions", type=int, default=3000, help="--text_packing: the text stage's default")
+    p.add_argument("--questions_per_scene", type=int, default=6, help="--text_packing: the text stage's default")
     args = p.parse_args()
+    if args.text_packing:
+        return text_packing(args.data, args.steps, args.scene_questions, args.questions_per_scene)
     if not args.skip_tiny:
         tiny_throughput(args.data, args.steps)
     (gpu_peak if torch.cuda.is_available() else cpu_accounting)(args.tokens)
