@@ -83,7 +83,8 @@ def bench_prompts(path: str, tasks: set[str] | None, limit: int | None, standins
                 described = standin_expansions(sample, query_num)
                 if described is None:
                     continue
-                media = {k: [] for k in media} | {"as_text": described[0], "slots": described[1]}
+                media = {k: [] for k in media} | {"as_text": described[0], "slots": described[1],
+                                                  "spelled": described[2]}
             yield sample, messages[:-1], messages[-1]["content"], media
 
 
@@ -97,7 +98,8 @@ def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max
         chunk = items[start:start + batch_size]
         singles = [processor.sample(prompt, media["images"], media["audios"], media["videos"],
                                     enable_thinking=bool(sample.get("thinking", False)),
-                                    media_as_text=media.get("as_text"), standin_slots=media.get("slots"))
+                                    media_as_text=media.get("as_text"), standin_slots=media.get("slots"),
+                                    standin_spelled=media.get("spelled"))
                    for sample, prompt, _, media in chunk]
         batch = left_pad(collate(singles, processor.tokenizer.pad_token_id))
         batch.pop("labels")

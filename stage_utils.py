@@ -14,14 +14,15 @@ from functools import partial
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from dataset.build_toyworld import ASK, follow_up_questions, gen_scene_qa
-from dataset.chat import MARKERS, lookup_targets, slot_standin_ids, tokenize_conversation
+from dataset.build_toyworld import ASK, follow_up_questions, gen_asr, gen_scene_qa
+from dataset.chat import (MARKERS, lookup_targets, slot_standin_ids, spelled_length, standin_ids,
+                          tokenize_conversation)
 from dataset.media import audio_features, image_to_tensor, load_image, read_video
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import describe_media, queried_cells, scene_slots
 from model.lora import apply_lora, merge_lora
-from model.model_omni import (AUDIO_END, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END, VIDEO_START,
+from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END, VIDEO_START,
                               OmniConfig, OmniModel)
 from model.warmup_heads import CELL_FIELDS
 from trainer import cleanup_distributed, is_main
@@ -137,11 +138,13 @@ def omni_data(args, config, tokenizer, codec=None):
 STANDIN_WRAP = {"image": (IMAGE_START, IMAGE_END), "audio": (AUDIO_START, AUDIO_END), "video": (VIDEO_START, VIDEO_END)}
 
 
-def standin_expansions(sample: dict, query_num: int) -> tuple[dict[str, list[str]], list[list[str]] | None] | None:
-    """Media markers -> (their stand-ins between the medium's start/end tokens, the scenes' slot texts), or None
-    without ToyWorld truth. A scene becomes query_num image pads standing for its cells' words (one cell per
-    slot: toyworld_text.scene_slots, chat.slot_standin_ids), the slots `align` then teaches the resampler to fill;
-    rendered text, speech and clips become text (toyworld_text.describe_media)."""
+def standin_expansions(sample: dict, query_num: int):
+    """Media markers -> (their stand-ins between the medium's start/end tokens, the scenes' slot texts, the
+    transcripts the audio pads spell), or None without ToyWorld truth. A scene becomes query_num image pads standing
+    for its cells' words (one cell per slot: toyworld_text.scene_slots, chat.slot_standin_ids), the slots `align`
+    then teaches the resampler to fill; speech becomes audio pads spelling its transcript (chat.spelled_standin_ids),
+    which the listen warm-up teaches the audio projector to write; rendered text and clips become text
+    (toyworld_text.describe_media)."""
     described = describe_media(sample)
     if described is None:
         return None
@@ -150,8 +153,10 @@ def standin_expansions(sample: dict, query_num: int) -> tuple[dict[str, list[str
         described["image"] = [IMAGE_PAD * query_num] * len(slots)
     else:
         slots = None
+    spelled = described["audio"]
+    described["audio"] = [AUDIO_PAD * spelled_length(text) for text in spelled]
     return ({kind: [STANDIN_WRAP[kind][0] + text + STANDIN_WRAP[kind][1] for text in texts]
-             for kind, texts in described.items()}, slots)
+             for kind, texts in described.items()}, slots, spelled)
 
 
 def generated_scene_questions(n: int, seed: int, per_scene: int = 1) -> list[dict]:
@@ -170,26 +175,35 @@ def generated_scene_questions(n: int, seed: int, per_scene: int = 1) -> list[dic
     return samples
 
 
+def generated_transcriptions(n: int, seed: int) -> list[dict]:
+    """n ASR samples drawn by ToyWorld's own generator (never a held-out combination), their speech left a render
+    spec: spelling practice for the text warm-up over the whole ASR lexicon, where the dataset's clips say many
+    words only once or twice."""
+    rng = random.Random(seed)
+    return [gen_asr(rng, "en", i, False)[0] for i in range(n)]
+
+
 class TextDataset(Dataset):
     """The LLM's warm-up on ToyWorld language, as a real LLM arrives knowing its language: the conversations with
     each medium replaced by a stand-in (standin_expansions: a scene by its cells' words, one vector per image
-    slot; speech by its transcript, ...), plus `scene_questions` generated scene questions (`questions_per_scene`
-    turns each). So the LLM first learns to answer from a DESCRIPTION in its context, and `align` then only has to
+    slot; speech by its spelled transcript, ...), plus `scene_questions` generated scene questions
+    (`questions_per_scene` turns each) and `transcriptions` generated ASR samples. So the LLM first learns to answer from a DESCRIPTION in its context, and `align` then only has to
     make the media embeddings read like one. Samples without ToyWorld ground truth get their media markers removed;
     those left without a question are dropped."""
 
     def __init__(self, paths: list[str], tokenizer, query_num: int, scene_questions: int = 0, seed: int = 0,
-                 questions_per_scene: int = 1):
+                 questions_per_scene: int = 1, transcriptions: int = 0):
         self.tokenizer, self.samples = tokenizer, []
-        samples = [sample for _, sample in jsonl_samples(paths)] + generated_scene_questions(scene_questions, seed,
-                                                                                            questions_per_scene)
+        samples = ([sample for _, sample in jsonl_samples(paths)]
+                   + generated_scene_questions(scene_questions, seed, questions_per_scene)
+                   + generated_transcriptions(transcriptions, seed))
         for sample in samples:
             standins = standin_expansions(sample, query_num)
             if standins is None:
                 turns = [dict(t, content=self._strip(t["content"])) for t in sample["conversations"]]
                 if not all(t["content"] for t in turns):
                     continue
-                sample, standins = dict(sample, conversations=turns), ({}, None)
+                sample, standins = dict(sample, conversations=turns), ({}, None, [])
             self.samples.append((sample, *standins))
 
     @staticmethod
@@ -202,19 +216,20 @@ class TextDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        sample, expansions, slots = self.samples[i]
+        sample, expansions, slots, spelled = self.samples[i]
         input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)
-        standin_ids = slot_standin_ids(input_ids, self.tokenizer, slots) if slots else None
-        if standin_ids is None:
+        words = standin_ids(input_ids, self.tokenizer, slots, spelled)
+        if words is None:
             return {"input_ids": input_ids, "labels": labels}
-        return {"input_ids": input_ids, "labels": labels, "standin_ids": standin_ids,
+        return {"input_ids": input_ids, "labels": labels, "standin_ids": words,
                 "lookup_slots": lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample))}
 
 
 def text_data(args, tokenizer, query_num: int):
-    dataset = TextDataset(args.data, tokenizer, query_num, args.scene_questions, args.seed, args.questions_per_scene)
+    dataset = TextDataset(args.data, tokenizer, query_num, args.scene_questions, args.seed, args.questions_per_scene,
+                          args.transcriptions)
     lengths = [sum(len(t["content"]) for t in s["conversations"]) + sum(len(e) for es in x.values() for e in es)
-               for s, x, _ in dataset.samples]
+               for s, x, _, _ in dataset.samples]
     # mega_batches=1: plain shuffled batches. Grouping by length would sort the generated conversations into
     # batches of their own, and the LLM then no longer learns the lookups (docs/experiments.md). pack_rows instead
     # packs a batch's short samples into rows as long as its longest: the same loss on half the padded tokens.

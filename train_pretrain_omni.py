@@ -5,7 +5,8 @@ the next one's --init (and a checkpoint eval_omni.py can chat with).
     python train_pretrain_omni.py --stage audio  --out out/audio  --init out/vision
     python train_pretrain_omni.py --stage text   --out out/text   --init out/audio
     python train_pretrain_omni.py --stage slots  --out out/slots  --init out/text    # resampler alone
-    python train_pretrain_omni.py --stage align  --out out/align  --init out/slots   # resampler + audio projector
+    python train_pretrain_omni.py --stage listen --out out/listen --init out/slots   # audio projector alone
+    python train_pretrain_omni.py --stage align  --out out/align  --init out/listen  # resampler + audio projector
     python train_pretrain_omni.py --stage joint  --out out/joint  --init out/align   # everything trains
     torchrun --nproc_per_node 2 train_pretrain_omni.py --stage align ...          # DDP: NCCL on GPU, gloo on CPU
 
@@ -13,12 +14,15 @@ Stages (see the README for the why):
 - vision / audio / text: the tiny recipe's stand-in for towers that arrive pretrained. The vision tower learns
   per-cell colour/shape/size from ToyWorld ground truth, the audio tower transcribes (CTC),
   the LLM learns ToyWorld's language with each medium replaced by its stand-in (a scene as one vector per cell in
-  its image slots, speech as its transcript, ...), plus 3,000 generated scenes of 6 questions each, where the lookup
-  loss (--lookup_weight) points a middle-layer head at the slot a question asks about: what a pretrained LLM
-  arrives able to do. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
+  its image slots, speech as its transcript spelled one character per audio row, ...), plus 3,000 generated scenes
+  of 6 questions each, where the lookup loss (--lookup_weight) points a middle-layer head at the slot a question
+  asks about, and 1,000 generated transcriptions (spelling practice over the whole ASR lexicon): what a pretrained
+  LLM arrives able to do. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
 - slots (tiny recipe too): the resampler alone learns to write each scene cell's stand-in into that cell's slot,
   from the frozen tower and without the LLM. The stand-ins are fixed word codes, so the text side (text stage)
   and the image side (this stage) each learn to meet at them, and `align` starts from slots the LLM can read.
+- listen (tiny recipe too): the same for speech: the audio projector alone learns, by CTC on the frozen tower, to
+  write each clip's transcript spelled, one character's word code per audio token where it is heard.
 - align: the original's first stage: encoders and LLM frozen, only the resampler and audio projector learn to
   map media into the LLM's embedding space (caption, OCR, ASR data); on ToyWorld scenes the stand-in loss
   (--standin_weight) also pulls each resampler slot onto its cell's vector from the text warm-up.
@@ -26,7 +30,8 @@ Stages (see the README for the why):
 """
 import argparse
 
-from model.warmup_heads import AudioWarmup, SlotWarmup, VisionWarmup
+from dataset.chat import char_token_ids
+from model.warmup_heads import AudioWarmup, ListenWarmup, SlotWarmup, VisionWarmup
 from stage_utils import (add_model_args, build_model, component_lrs, finish_stage, omni_data,
                          set_trainable, text_data, warmup_data)
 from trainer import Trainer, add_common_args
@@ -38,8 +43,9 @@ STAGES = {
     "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=8, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={},  # not 2e-3: README
-                 scene_questions=3000, questions_per_scene=6),
+                 scene_questions=3000, questions_per_scene=6, transcriptions=1000),
     "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=8, batch_size=16, lr=2e-3, lrs={}),
+    "listen": dict(train="audio_projector", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=3,
                   batch_size=16, lr=2e-3, lrs={}),
     "joint": dict(train="vision,audio,llm,projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr",
@@ -59,6 +65,8 @@ def parse_args(argv=None):
                         help="text stage: this many generated scene questions on top of --data (see README)")
     parser.add_argument("--questions_per_scene", type=int, default=1,
                         help="text stage: question/answer turns per generated scene (one conversation)")
+    parser.add_argument("--transcriptions", type=int, default=0,
+                        help="text stage: this many generated ASR samples (spelling practice) on top of --data")
     add_common_args(parser)
     lrs = defaults.pop("lrs")
     parser.set_defaults(out=f"out/{stage}", warmup_ratio=0.05, **defaults)
@@ -70,7 +78,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = build_model(args)
-    if args.stage in ("vision", "audio", "text", "slots") and model.config.external_weights:
+    if args.stage in ("vision", "audio", "text", "slots", "listen") and model.config.external_weights:
         raise SystemExit(f"--stage {args.stage} warms up a randomly initialised tower; pretrained towers "
                          f"({', '.join(model.config.external_weights)}) start at --stage align")
     set_trainable(model, args.train.split(","))
@@ -80,6 +88,10 @@ def main(argv=None):
                else AudioWarmup(model.audio_tower, len(data[0].chars)))
     elif args.stage == "slots":
         net, data = SlotWarmup(model), warmup_data(args, args.stage, model.config, tokenizer)
+    elif args.stage == "listen":  # the audio warm-up's clips and characters, now written by the projector
+        data = warmup_data(args, args.stage, model.config)
+        model.config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in data[0].chars]
+        net = ListenWarmup(model)
     elif args.stage == "text":
         net, data = model, text_data(args, tokenizer, model.config.query_num)
     else:

@@ -9,7 +9,9 @@ when its first character lies in a trained piece. Qwen3's template, reproduced h
     <|im_start|>assistant\\n<think>\\n{reasoning}\\n</think>\\n\\n{answer}<|im_end|>\\n   (assistant turns after
                                                         the last user turn; earlier ones keep only {answer})
 """
+import random
 import re
+import zlib
 
 import torch
 
@@ -156,6 +158,85 @@ def slot_standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]])
     out[rows, 0] = pad
     for row, ids in words.items():
         out[row, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def spelled_length(text: str) -> int:
+    """Audio pad rows a transcript's spelled stand-in gets in the text warm-up: about what a ToyWorld clip of it
+    gives at the tiny preset's 25 tokens/s (the sft split's 600 clips: 1.1 rows per character + 8, correlation
+    0.97; never fewer rows than characters)."""
+    return round(1.1 * len(text)) + 8
+
+
+def char_token_ids(tokenizer, text: str) -> list[list[int]]:
+    """The token ids of each lower-cased character of text on its own (' ' -> the space token, a CJK character ->
+    its UTF-8 byte tokens): a spelled stand-in row is the sum of their word codes."""
+    return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in text.lower()]
+
+
+def spelling_targets(tokenizer, text: str, spelling_ids: list[list[int]]) -> torch.Tensor:
+    """Long[L]: text's characters as 1-based classes of spelling_ids (OmniConfig.spelling_ids; 0 is the CTC
+    blank), characters outside it dropped: the listen loss's target for a clip saying text."""
+    index = {tuple(ids): k + 1 for k, ids in enumerate(spelling_ids)}
+    return torch.tensor([index[tuple(ids)] for ids in char_token_ids(tokenizer, text) if tuple(ids) in index],
+                        dtype=torch.long)
+
+
+def spelled_path(n_chars: int, n_rows: int, doubled: list[bool], seed: int) -> list[int] | None:
+    """A CTC path over n_rows rows that spells n_chars characters: row -> character index, -1 = blank. The shortest
+    path (a blank between two equal neighbours, doubled[i]: character i equals i - 1), grown to n_rows by inserting
+    blanks and repeating rows at seeded random places, as a recogniser's frames hold a character over a few rows
+    and pause between some. None when n_rows is too short."""
+    path = [k for i in range(n_chars) for k in ([-1, i] if doubled[i] else [i])]
+    if len(path) > n_rows:
+        return None
+    rng = random.Random(seed)
+    while len(path) < n_rows:
+        at = rng.randrange(len(path) + 1)
+        inside_a_run = 0 < at < len(path) and path[at - 1] == path[at] >= 0  # a blank there would spell it twice
+        path.insert(at, -1 if at == 0 or (rng.random() < 0.5 and not inside_a_run) else path[at - 1])
+    return path
+
+
+def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[str]) -> torch.Tensor | None:
+    """[T] ids + per audio its transcript -> Long[T, W]: each audio's block of pad rows SPELLS its transcript as a CTC
+    path (spelled_path: one character per row, held over some rows, with the pad token itself as the blank on the
+    others); -1 elsewhere. What the text warm-up reads in place of speech, and the form the listen warm-up
+    (model/warmup_heads.ListenWarmup) teaches the audio projector to write. None when the pads do not form one block
+    per transcript with room for its path. Deterministic: the path is seeded by the transcript."""
+    pad = tokenizer.convert_tokens_to_ids(AUDIO_PAD)
+    rows = torch.nonzero(input_ids == pad).flatten()                              # [n_pads]
+    blocks = torch.tensor_split(rows, (torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1).tolist())
+    if not len(rows) or len(blocks) != len(transcripts):
+        return None
+    out = torch.full((len(input_ids), 1), -1, dtype=torch.long)
+    out[rows, 0] = pad
+    out = [list(r) for r in out.tolist()]
+    for block, text in zip(blocks, transcripts):
+        chars = char_token_ids(tokenizer, text)
+        path = spelled_path(len(chars), len(block), [i > 0 and chars[i] == chars[i - 1] for i in range(len(chars))],
+                            zlib.crc32(text.encode()))
+        if path is None:
+            return None
+        for row, k in zip(block.tolist(), path):
+            if k >= 0:
+                out[row] = chars[k]
+    width = max(len(r) for r in out)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in out], dtype=torch.long)
+
+
+def standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]] | None,
+                spelled: list[str] | None) -> torch.Tensor | None:
+    """Long[T, W]: the word ids behind a sample's image slots (slot_standin_ids) and its spelled audio
+    (spelled_standin_ids), -1 elsewhere; None if it has neither."""
+    parts = [p for p in (slot_standin_ids(input_ids, tokenizer, slots) if slots else None,
+                         spelled_standin_ids(input_ids, tokenizer, spelled) if spelled else None) if p is not None]
+    if not parts:
+        return None
+    out = torch.full((len(input_ids), max(p.shape[1] for p in parts)), -1, dtype=torch.long)
+    for p in parts:
+        rows = (p >= 0).any(-1)
+        out[rows, :p.shape[1]] = p[rows]
     return out
 
 

@@ -7,7 +7,8 @@ Every skip is counted by reason in `dataset.skipped` and warned with file:line; 
 Speech targets (an assistant turn's "speech" wav) become talker codes when the dataset is given the talker's codec.
 With standins=True, ToyWorld scenes also carry the word ids their image slots stand for (chat.slot_standin_ids),
 the target of the stand-in loss (OmniModel.standin_loss), and the slot each scene question asks about (the lookup
-loss's target, OmniModel.lookup_loss).
+loss's target, OmniModel.lookup_loss); once the model spells speech (config.spelling_ids), each clip also carries
+its transcript's characters (chat.spelling_targets, the listen loss's target, OmniModel.listen_loss).
 (With DataLoader workers, load-time skips are counted in the workers' copies; the warnings still show them.)
 """
 import json
@@ -20,9 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.chat import (IGNORE_INDEX, MARKERS, SampleError, conversation_messages, count_markers,
-                          lookup_targets, slot_standin_ids, tokenize_conversation)
+                          lookup_targets, slot_standin_ids, spelling_targets, tokenize_conversation)
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
-from dataset.toyworld_text import queried_cells, scene_slots
+from dataset.toyworld_text import describe_media, queried_cells, scene_slots
 
 MEDIA_KEYS = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -163,6 +164,10 @@ class OmniDataset(Dataset):
         if standin is not None:  # slots in cell order: the lookup loss may point at the one a question asks about
             out["standin_ids"] = standin
             out["lookup_slots"] = lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample))
+        transcripts = (describe_media(sample) or {}).get("audio", []) if self.standins else []
+        spelling = self.config.spelling_ids
+        if spelling and transcripts and len(transcripts) == len(out.get("audio_features", [])):  # one chunk each
+            out["audio_spelling"] = [spelling_targets(self.tokenizer, text, spelling) for text in transcripts]
         return dict(out, **speech, input_ids=input_ids, labels=labels)
 
     def _speech(self, turn: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -235,6 +240,11 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
         for b, x in enumerate(standins):
             if x is not None:
                 batch["standin_ids"][b, :x.shape[0], :x.shape[1]] = x
+    if any("audio_spelling" in s for s in samples):  # [N_chunks, Lmax] + [N_chunks] lengths, 0 = no transcript
+        targets = [t for s in samples for t in s.get("audio_spelling", [torch.zeros(0, dtype=torch.long)] *
+                                                   len(s.get("audio_features", [])))]
+        batch["audio_spelling"] = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
+        batch["audio_spelling_lens"] = torch.tensor([len(t) for t in targets])
     spoken = [s["speech_codes"] for s in samples if "speech_codes" in s]
     if spoken:  # rows without a speech target keep speech_lens 0
         batch["speech_codes"] = torch.zeros(B, spoken[0].shape[0], max(c.shape[1] for c in spoken),

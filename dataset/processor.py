@@ -2,7 +2,7 @@
 import torch
 from PIL import Image
 
-from dataset.chat import build_prompt, slot_standin_ids
+from dataset.chat import build_prompt, standin_ids
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
 from dataset.omni_dataset import collate
 from dataset.tokenizer import load_tokenizer
@@ -29,13 +29,15 @@ class OmniProcessor:
         return batch
 
     def sample(self, messages: list[dict], images=(), audios=(), videos=(), enable_thinking=False,
-               media_as_text: dict[str, list[str]] | None = None, standin_slots: list[list[str]] | None = None) -> dict:
+               media_as_text: dict[str, list[str]] | None = None, standin_slots: list[list[str]] | None = None,
+               standin_spelled: list[str] | None = None) -> dict:
         """One prompt in the dataset's sample format (collate several for a batch).
 
         messages use <image>/<audio>/<video> markers in order; images are PIL images or paths, audios are paths
         or 16 kHz mono waveforms, videos are GIF/WebP/mp4 paths or frame folders. media_as_text fills the markers
-        with text instead ({kind: [text per marker]}, e.g. stage_utils.standin_expansions); standin_slots gives
-        the word stand-ins of image pads that media_as_text put there (the same function's second result)."""
+        with text instead ({kind: [text per marker]}, e.g. stage_utils.standin_expansions); standin_slots and
+        standin_spelled give the word stand-ins of the image and audio pads media_as_text put there (the same
+        function's second and third results)."""
         sample, expansions = {}, {"image": [], "audio": [], "video": []} | (media_as_text or {})
         for img in images:
             tensors, grid_hw, text = image_inputs(img if isinstance(img, Image.Image) else load_image(img), self.config)
@@ -60,6 +62,7 @@ class OmniProcessor:
         ids = build_prompt(messages, self.tokenizer, enable_thinking, expansions)
         sample["input_ids"] = torch.tensor(ids, dtype=torch.long)
         sample["labels"] = torch.full_like(sample["input_ids"], -100)
-        if standin_slots:
-            sample["standin_ids"] = slot_standin_ids(sample["input_ids"], self.tokenizer, standin_slots)
+        words = standin_ids(sample["input_ids"], self.tokenizer, standin_slots, standin_spelled)
+        if words is not None:
+            sample["standin_ids"] = words
         return sample

@@ -55,6 +55,8 @@ class OmniConfig:
     talker: TalkerConfig | None = None  # speech output; None = a text-only model (and every config saved before it)
     reads_standins: bool = False    # the LLM learned ToyWorld's word stand-ins (tiny text warm-up): only then does
                                     # the stand-in loss pull image slots onto them
+    spelling_ids: list | None = None  # token ids of each character speech is spelled with (set by the tiny listen
+                                      # warm-up; class i + 1 of spelling_loss); None = no spelled audio stand-ins
 
     @staticmethod
     def preset(name: str) -> "OmniConfig":
@@ -67,7 +69,8 @@ class OmniConfig:
                                     num_attention_heads=4, image_size=112, patch_size=14),
                 audio=AudioConfig(num_mel_bins=80, d_model=128, encoder_layers=3, encoder_attention_heads=4,
                                   encoder_ffn_dim=512, max_source_positions=1500),
-                query_num=16, resampler_heads=8, scale_resolution=112, max_slice_nums=4, video_max_frames=8)
+                query_num=16, resampler_heads=8, scale_resolution=112, max_slice_nums=4, video_max_frames=8,
+                audio_pool_step=2)  # 25 tokens/s: enough rows to spell a transcript (see warmup_heads.ListenWarmup)
         if name == "qwen3_0_6b":  # Qwen3-0.6B + SigLIP2-so400m-patch14-384 + Whisper-medium encoder
             return OmniConfig(
                 llm=LLMConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -224,6 +227,20 @@ def relative_error(slots: torch.Tensor, standins: torch.Tensor) -> torch.Tensor:
     return ((slots.float() - target) ** 2).sum(-1).mean() / (target ** 2).sum(-1).mean()
 
 
+def spelling_loss(tokens: torch.Tensor, n_tokens: torch.Tensor, codes: torch.Tensor, targets: torch.Tensor,
+                  target_lens: torch.Tensor, temperature: float = 8.0) -> torch.Tensor:
+    """Audio tokens [N, T, D] (the first n_tokens[i] valid) vs their clips' spelled transcripts (targets [N, L]:
+    rows of codes [C+1, D], 1-based; row 0, the audio pad's code, is the CTC blank): CTC with each token's logits
+    its minus squared distances to the codes / temperature (distinct codes lie ~128 apart, squared), plus the pull
+    of every token onto the code it is nearest to (relative_error). CTC alone rewards overshooting (a token twice
+    its code's size is further from every other code); the LLM reads the codes themselves."""
+    distances = torch.cdist(tokens.float(), codes.float().expand(len(tokens), -1, -1)) ** 2   # [N, T, C+1]
+    logp = (-distances / temperature).log_softmax(-1).transpose(0, 1)                          # [T, N, C+1]
+    ctc = F.ctc_loss(logp, targets, n_tokens, target_lens, zero_infinity=True)
+    valid = torch.arange(tokens.shape[1], device=tokens.device) < n_tokens[:, None]          # [N, T]
+    return ctc + relative_error(tokens[valid], codes[distances.argmin(-1)][valid])
+
+
 # ----------------------------------------------------------------------------- audio projector
 class AudioProjector(nn.Module):
     """Whisper states (50/s) -> LLM width, then average pooling (k = s = pool_step) -> 10 tokens/s by default."""
@@ -236,12 +253,16 @@ class AudioProjector(nn.Module):
         self.pool = nn.AvgPool1d(pool_step, stride=pool_step)
         self.pool_step = pool_step
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """states [N, T, Da], mask [N, T] -> the valid pooled tokens of all chunks, in order: [sum(n_i), D]."""
+    def pooled(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [N, T, Da], mask [N, T] -> ([N, T // pool, D] tokens per chunk, Long[N] how many are valid)."""
         x = self.linear2(self.relu(self.linear1(states)))             # [N, T, D]
         x = self.pool(x.transpose(1, 2)).transpose(1, 2)              # [N, T // pool, D]
         valid = mask.sum(1)                                           # [N] valid frames per chunk
-        n_tokens = ((valid - self.pool_step) // self.pool_step + 1).clamp(min=0)
+        return x, ((valid - self.pool_step) // self.pool_step + 1).clamp(min=0)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """states [N, T, Da], mask [N, T] -> the valid pooled tokens of all chunks, in order: [sum(n_i), D]."""
+        x, n_tokens = self.pooled(states, mask)
         keep = torch.arange(x.shape[1], device=x.device) < n_tokens[:, None]  # [N, T // pool]
         return x[keep]
 
@@ -259,6 +280,8 @@ class MediaInputs:
     audio_features: torch.Tensor | None = None      # [N_chunks, 80, T]
     audio_feature_lens: torch.Tensor | None = None  # [N_chunks]
     standin_ids: torch.Tensor | None = None         # [B, T, W] word ids a row stands for, -1 = none (see embed_inputs)
+    audio_spelling: torch.Tensor | None = None      # [N_chunks, L] each chunk's spelled transcript (see listen_loss)
+    audio_spelling_lens: torch.Tensor | None = None  # [N_chunks], 0 = no transcript
 
 
 class OmniModel(nn.Module):
@@ -328,6 +351,11 @@ class OmniModel(nn.Module):
             self._word_codes = codes.to(device)
         return self._word_codes
 
+    def spelling_codes(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[C+1, D]: the audio pad's word code (the blank), then each spelling character's (config.spelling_ids)."""
+        codes = self.word_codes(device)
+        return torch.stack([codes[self.config.audio_pad_id]] + [codes[ids].sum(0) for ids in self.config.spelling_ids])
+
     def embed_inputs(self, input_ids: torch.Tensor, media: MediaInputs) -> torch.Tensor:
         """[B, T] ids -> [B, T, D] embeddings with every placeholder row replaced by its media embedding, or by
         its word stand-in (embed_standins) where the batch gives stand-ins but not the medium itself."""
@@ -383,11 +411,26 @@ class OmniModel(nn.Module):
             return None
         return relative_error(embeds[rows], standins[rows])
 
+    def listen_loss(self, input_ids: torch.Tensor, embeds: torch.Tensor, media: MediaInputs) -> torch.Tensor | None:
+        """spelling_loss of the audio rows of chunks that carry a spelled transcript (None if none): keeps the
+        audio projector writing the spelled stand-ins the listen warm-up taught it, as standin_loss keeps the
+        resampler's slots on their cells' words."""
+        has = media.audio_spelling_lens > 0                                           # [N_chunks]
+        if not has.any():
+            return None
+        counts = [audio_chunk_token_count(int(n), self.config.audio_pool_step) for n in media.audio_feature_lens]
+        chunks = embeds[input_ids == self.config.audio_pad_id].split(counts)        # per chunk [n_i, D]
+        tokens = nn.utils.rnn.pad_sequence([c for c, h in zip(chunks, has) if h], batch_first=True)
+        return spelling_loss(tokens, torch.tensor(counts, device=tokens.device)[has],
+                             self.spelling_codes(tokens.device), media.audio_spelling[has],
+                             media.audio_spelling_lens[has])
+
     def forward(self, input_ids, attention_mask=None, labels=None, speech_codes=None, speech_lens=None,
                 speech_voices=None, speech_text_mask=None, lookup_slots=None, **media) -> dict:
         """Next-token loss over labelled positions only; logits are computed only where labels exist.
         With speech targets (speech_*: see speech_loss) the talker's loss is added, times speech_weight; with
-        images and their word stand-ins and a resampler that trains, the stand-in loss, times standin_weight; with
+        images and their word stand-ins and a resampler that trains, the stand-in loss, times standin_weight (and
+        with spelled transcripts and an audio projector that trains, the listen loss, times the same); with
         lookup targets (lookup_slots: see lookup_loss), the lookup loss, times lookup_weight."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)
@@ -409,6 +452,12 @@ class OmniModel(nn.Module):
         if standin_loss is not None:
             out["standin_loss"] = standin_loss
             loss = loss + self.standin_weight * standin_loss
+        listens = (self.standin_weight and self.config.spelling_ids and media.audio_spelling is not None
+                   and self.audio_projector.linear1.weight.requires_grad)
+        listen_loss = self.listen_loss(input_ids, embeds, media) if listens else None
+        if listen_loss is not None:
+            out["listen_loss"] = listen_loss
+            loss = loss + self.standin_weight * listen_loss
         if looks:
             out["lookup_loss"] = self.lookup_loss(llm_out.attentions, lookup_slots)
             loss = loss + self.lookup_weight * out["lookup_loss"]

@@ -1,16 +1,18 @@
 """Tokenizer training/loading and the chat template: special tokens, label masks, thinking, Qwen3 parity."""
 import importlib.util
+import itertools
 import json
 import os
+import random
 
 import pytest
 import torch
 
-from dataset.chat import (IGNORE_INDEX, SampleError, build_prompt, lookup_targets, slot_standin_ids,
-                          tokenize_conversation)
+from dataset.chat import (IGNORE_INDEX, SampleError, build_prompt, char_token_ids, lookup_targets,
+                          slot_standin_ids, spelled_path, spelled_standin_ids, standin_ids, tokenize_conversation)
 from dataset.omni_dataset import collate, left_pad
 from dataset.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
-from model.model_omni import IMAGE_END, IMAGE_PAD, IMAGE_START, OmniConfig
+from model.model_omni import AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, OmniConfig
 
 SAMPLES = [
     {"conversations": [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
@@ -136,6 +138,57 @@ def test_slot_standins_follow_the_image_pads(tok):
                              tok.pad_token_id))
     assert torch.equal(batch["standin_ids"][0, 3:], out) and (batch["standin_ids"][0, :3] == -1).all()
     assert torch.equal(batch["input_ids"][0, 3:], ids)
+
+
+def ctc_collapse(rows: list[list[int]], blank: list[int]) -> list[list[int]]:
+    """Merge runs of equal rows, then drop the blanks: what a CTC path spells."""
+    runs = [r for k, r in enumerate(rows) if k == 0 or r != rows[k - 1]]
+    return [r for r in runs if r != blank]
+
+
+def test_spelled_path_is_a_ctc_path_of_its_characters():
+    """Any length from the shortest up: collapsing the path (merge repeats, drop blanks) gives every character once,
+    in order, also doubled letters ('book'); shorter than the shortest path (a blank between equal neighbours) ->
+    None; the same seed draws the same path."""
+    rng = random.Random(0)
+    for trial in range(300):
+        text = "".join(rng.choice("ob k") for _ in range(rng.randrange(1, 10)))
+        doubled = [i > 0 and text[i] == text[i - 1] for i in range(len(text))]
+        shortest = len(text) + sum(doubled)
+        assert spelled_path(len(text), shortest - 1, doubled, trial) is None
+        for n_rows in (shortest, shortest + rng.randrange(1, 15)):
+            path = spelled_path(len(text), n_rows, doubled, trial)
+            assert len(path) == n_rows and path == spelled_path(len(text), n_rows, doubled, trial)
+            assert [k for k, _ in itertools.groupby(path) if k >= 0] == list(range(len(text)))
+
+
+def test_spelled_standins_spell_each_transcript_over_its_audio_pads(tok):
+    """Two clips of 14 and 3 pads: each block is a CTC path of its own transcript's lower-cased characters (each
+    row one character's token ids or the pad itself, the blank), -1 off the pads; a block too short for its
+    transcript, or a transcript count that differs from the blocks, gives None. Merged with an image's slots,
+    each keeps its rows."""
+    two = {"conversations": [{"role": "user", "content": "<image><audio><audio>\nWhat was said?"},
+                             {"role": "assistant", "content": "Hi"}], "images": ["a.png"], "audios": ["a", "b"]}
+    audio = [AUDIO_START + AUDIO_PAD * 14 + AUDIO_END, AUDIO_START + AUDIO_PAD * 3 + AUDIO_END]
+    image = [IMAGE_START + IMAGE_PAD * 2 + IMAGE_END]
+    ids, _ = tokenize_conversation(two, tok, {"audio": audio, "image": image})
+    out = spelled_standin_ids(ids, tok, ["Red Book", "go"])
+    pad = tok.convert_tokens_to_ids(AUDIO_PAD)
+    rows = torch.nonzero(ids == pad).flatten()
+    spelled = [[i for i in out[r].tolist() if i >= 0] for r in rows]
+    assert char_token_ids(tok, " ") == [tok(" ", add_special_tokens=False)["input_ids"]]
+    assert ctc_collapse(spelled[:14], [pad]) == char_token_ids(tok, "red book")
+    assert ctc_collapse(spelled[14:], [pad]) == char_token_ids(tok, "go")
+    assert torch.equal(out, spelled_standin_ids(ids, tok, ["Red Book", "go"]))
+    assert (out[torch.isin(torch.arange(len(ids)), rows, invert=True)] == -1).all()
+    assert spelled_standin_ids(ids, tok, ["a", "four"]) is None     # 4 characters, 3 rows
+    assert spelled_standin_ids(ids, tok, ["a", "ooo"]) is None      # 3 characters, but o _ o _ o needs 5 rows
+    assert spelled_standin_ids(ids, tok, ["a"]) is None             # two clips, one transcript
+    both = standin_ids(ids, tok, [["red circle"]], ["Red Book", "go"])
+    image_rows = torch.nonzero(ids == tok.convert_tokens_to_ids(IMAGE_PAD)).flatten()
+    assert [[i for i in both[r].tolist() if i >= 0] for r in rows] == spelled
+    assert both[image_rows[0]].tolist()[:2] == tok(" red circle", add_special_tokens=False)["input_ids"]
+    assert standin_ids(ids, tok, None, []) is None
 
 
 def test_lookup_targets_sit_before_each_answer(tok):

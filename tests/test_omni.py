@@ -6,14 +6,14 @@ import torch
 
 from model.model_llm import rope_cos_sin
 from model.model_omni import (AudioProjector, MediaInputs, OmniConfig, OmniModel, Resampler, audio_token_count,
-                              sincos_2d)
+                              sincos_2d, spelling_loss)
 
 
 def tiny_config() -> OmniConfig:
     cfg = OmniConfig.preset("tiny")
     cfg.llm.vocab_size, cfg.llm.num_hidden_layers = 64, 2
     cfg.vision.num_hidden_layers, cfg.audio.encoder_layers = 1, 1
-    cfg.query_num = 4
+    cfg.query_num, cfg.audio_pool_step = 4, 5  # the prompts below are counted at the original's 10 audio tokens/s
     cfg.image_pad_id, cfg.video_pad_id, cfg.audio_pad_id = 61, 62, 63
     return cfg
 
@@ -81,9 +81,11 @@ def test_audio_projector_pools_and_counts():
     mask[0, :50], mask[1, :23] = True, True
     out = proj(states, mask)
     assert out.shape == (10 + 4, 32)                      # (50-5)//5+1 = 10, (23-5)//5+1 = 4
-    # mel frames -> tokens: 1 s = 100 frames -> 50 after conv2 -> 10 after pooling; 45 s = 30 s + 15 s chunks
+    # mel frames -> tokens: 1 s = 100 frames -> 50 after conv2 -> 10 after pooling by 5 (the original's rule),
+    # 25 by 2 (the tiny preset: a row per spoken character); 45 s = 30 s + 15 s chunks
     assert audio_token_count(100, cfg) == 10
     assert audio_token_count(4500, cfg) == 300 + 150
+    assert audio_token_count(100, OmniConfig.preset("tiny")) == 25
 
 
 def make_batch(cfg, with_audio=True):
@@ -206,6 +208,56 @@ def test_standin_loss_pulls_the_resampler_not_the_words():
     model.standin_weight = 0.5
     model.resampler.requires_grad_(False)  # e.g. a talker-only run: nothing the stand-in loss could move
     assert "standin_loss" not in model(**batch, labels=labels)
+
+
+def test_spelling_loss_is_near_zero_on_a_spelled_path_and_large_off_it():
+    """Tokens that ARE the codes of a CTC path spelling the target (blank c1 blank c2 c2 blank) cost ~0; the same
+    tokens against the reversed target cost a lot; tokens twice their codes' size (CTC alone would like them even
+    better) pay the pull onto the nearest code: relative error (2c - c)^2 / c^2 = 1."""
+    torch.manual_seed(0)
+    codes = torch.randn(4, 32)                                       # std 1: squared distances ~64 apart
+    tokens = codes[[0, 1, 0, 2, 2, 0]].unsqueeze(0)                  # [1, 6, D]
+    n = torch.tensor([6])
+    right, wrong = torch.tensor([[1, 2]]), torch.tensor([[2, 1]])
+    assert spelling_loss(tokens, n, codes, right, torch.tensor([2])) < 0.05
+    assert spelling_loss(tokens, n, codes, wrong, torch.tensor([2])) > 3
+    ctc_only = spelling_loss(tokens * 2, n, codes, right, torch.tensor([2])) - 1.0
+    assert 0 <= ctc_only < 0.05
+
+
+def test_listen_loss_spells_each_chunks_audio_rows():
+    """With config.spelling_ids and a trainable audio projector, forward adds standin_weight x listen_loss: the
+    spelling_loss of each chunk's audio rows (embed_audio, in order) against its transcript's characters; chunks
+    without one (length 0) are left out; the gradient reaches the projector, not the LLM's embeddings."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.spelling_ids = [[5], [6], [7, 8]]
+    model = OmniModel(cfg).train()
+    batch = make_batch(cfg)
+    batch["audio_features"] = torch.randn(2, 80, 100)
+    batch["audio_feature_lens"] = torch.tensor([100, 60])
+    batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, 6), cfg.audio_pad_id)], 1)  # 60 frames: 6
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch.update(audio_spelling=torch.tensor([[3, 1, 2], [0, 0, 0]]), audio_spelling_lens=torch.tensor([3, 0]))
+    labels = batch["input_ids"].clone()
+    codes = model.word_codes()
+    table = torch.stack([codes[cfg.audio_pad_id], codes[5], codes[6], codes[7] + codes[8]])
+    assert torch.equal(model.spelling_codes(), table)
+    first = model.embed_audio(batch["audio_features"][:1], batch["audio_feature_lens"][:1])   # [10, D]
+    expected = spelling_loss(first[None], torch.tensor([10]), table, torch.tensor([[3, 1, 2]]), torch.tensor([3]))
+    model.standin_weight = 0.5
+    out = model(**batch, labels=labels)
+    assert torch.allclose(out["listen_loss"], expected, atol=1e-5)
+    model.zero_grad()
+    out["listen_loss"].backward()
+    table_grad = model.llm.get_input_embeddings().weight.grad
+    assert model.audio_projector.linear1.weight.grad.abs().sum() > 0 and (table_grad is None or not table_grad.any())
+    model.standin_weight = 0.0
+    plain = model(**batch, labels=labels)
+    assert "listen_loss" not in plain and torch.allclose(out["loss"], plain["loss"] + 0.5 * expected, atol=1e-5)
+    model.standin_weight = 0.5
+    model.audio_projector.requires_grad_(False)
+    assert "listen_loss" not in model(**batch, labels=labels)
 
 
 def test_loss_ignores_minus_100_labels():

@@ -78,7 +78,7 @@ def test_items_and_collate(world):
     assert batch["audio_feature_lens"].tolist() == [100, 3000, 100]
     assert batch["audio_features"].shape == (3, 80, 3000)
     n_audio = audio_token_count(100, cfg) + audio_token_count(3100, cfg)
-    assert n_audio == 10 + 310 and int((batch["input_ids"] == cfg.audio_pad_id).sum()) == n_audio
+    assert n_audio == 25 + 775 and int((batch["input_ids"] == cfg.audio_pad_id).sum()) == n_audio
     # video: 8 frames at 100 ms -> groups of 6 + 2, one 16-token placeholder per group
     assert batch["video_pixel_values"].shape == (8, 3, 98, 126)
     assert batch["video_grid_hw"].tolist() == [[7, 9]] * 8

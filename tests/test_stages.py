@@ -1,7 +1,9 @@
 """The stage scripts end to end on a small ToyWorld (CPU): every stage runs and saves a loadable checkpoint, the
 frozen parts stay untouched, a LoRA fine-tune saves merged weights that give the same loss, SIGKILL + --resume
 gives bitwise the same weights as a straight run, and torchrun with 2 ranks resumes with 1."""
+import argparse
 import inspect
+import itertools
 import os
 import random
 import signal
@@ -18,12 +20,14 @@ import eval_omni
 import train_pretrain_omni
 import train_sft_omni
 from dataset.build_toyworld import build
+from dataset.chat import char_token_ids, spelled_length
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, pack_rows
 from model.model_omni import OmniConfig, OmniModel
 from model.warmup_heads import SlotWarmup
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import cell_texts
-from stage_utils import SlotWarmupData, TextDataset, build_model, collate_slots, omni_data, set_trainable
+from stage_utils import (SlotWarmupData, TextDataset, build_model, collate_slots, omni_data, set_trainable,
+                         warmup_data)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4", "--log_every", "1"]
@@ -68,10 +72,11 @@ def test_every_stage_saves_a_loadable_checkpoint(chain):
         assert (folder / "tokenizer.json").is_file() and (folder / "step_2").is_dir()
         model = OmniModel.from_pretrained(str(folder))
         assert model.config.reads_standins == (stage not in ("vision", "audio"))
+        assert (model.config.spelling_ids is not None) == (stage in ("listen", "align", "joint", "sft"))
 
 
 def test_each_stage_trains_only_its_components(chain):
-    trains = {"audio": ["audio_tower."], "text": ["llm."], "slots": ["resampler."],
+    trains = {"audio": ["audio_tower."], "text": ["llm."], "slots": ["resampler."], "listen": ["audio_projector."],
               "align": ["resampler.", "audio_projector."],
               "joint": ["vision_tower.", "audio_tower.", "llm.", "resampler.", "audio_projector."]}
     prev = "vision"
@@ -89,26 +94,30 @@ def slot_words(tokenizer, standin_ids: torch.Tensor) -> list[str]:
 
 def test_text_warmup_reads_media_as_their_ground_truth(world):
     """The text stage replaces each medium by what it shows: a scene by one slot per grid cell holding that cell's
-    words, the other media by text between their start/end tokens; answers stay the only trained tokens. Checked
-    against the jsonl's own ground truth for every family."""
+    words, speech by audio pads spelling its transcript, the other media by text between their start/end tokens;
+    answers stay the only trained tokens. Checked against the jsonl's own ground truth for every family."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, query_num=16)
+    audio_pad, image_pad = (tokenizer.convert_tokens_to_ids(t) for t in ("<|audio_pad|>", "<|image_pad|>"))
     seen = set()
     for (sample, *_), i in zip(dataset.samples, range(len(dataset))):
         item = dataset[i]
         text = tokenizer.decode(item["input_ids"])
         meta, task = sample["meta"], sample["task"]
         seen.add(task)
-        if task == "asr":
-            assert f"<|audio_start|>{meta['transcript']}<|audio_end|>" in text
-        elif task == "ocr":
+        if sample.get("audios"):  # a CTC path of its characters: merge repeated rows, drop the pad (the blank)
+            rows = [[i for i in row.tolist() if i >= 0] for row in item["standin_ids"][item["input_ids"] == audio_pad]]
+            assert len(rows) == spelled_length(meta["transcript"])
+            runs = [ids for ids, _ in itertools.groupby(rows) if ids != [audio_pad]]
+            assert tokenizer.decode(sum(runs, [])) == meta["transcript"].lower()
+        if task == "ocr":
             assert f"<image>{meta['text']}</image>" in text
         elif task == "video":
             assert "<video>" in text and meta["object"]["shape"] in text.split("</video>")[0]
-        else:  # scenes: 16 slots per image, the first 9 its cells' words, the rest the pad itself
+        elif task != "asr":  # scenes: 16 slots per image, the first 9 its cells' words, the rest the pad itself
             scenes = meta.get("scenes") or [meta["scene"]]
             assert text.count("<image>" + "<|image_pad|>" * 16 + "</image>") == len(scenes)
-            words = slot_words(tokenizer, item["standin_ids"])
+            words = slot_words(tokenizer, item["standin_ids"][item["input_ids"] == image_pad])
             assert len(words) == 16 * len(scenes)
             for k, scene in enumerate(scenes):
                 cells = words[16 * k:16 * k + 9]
@@ -116,7 +125,6 @@ def test_text_warmup_reads_media_as_their_ground_truth(world):
                 for o in scene["objects"]:
                     assert cells[o["cell"][0] * 3 + o["cell"][1]].endswith(f"{o['color']} {o['shape']} {o['size']}")
                 assert sum(len(c.split()) > 2 for c in cells) == len(scene["objects"])  # empty cells: position only
-        assert "<|audio_pad|>" not in text
         answer = tokenizer.decode(item["labels"][item["labels"] >= 0])
         assert answer.endswith(sample["conversations"][-1]["content"].split("</think>")[-1].strip() + "<|im_end|>")
     assert seen >= {"asr", "ocr", "multi_image", "video", "color", "audio_qa"}
@@ -161,15 +169,24 @@ def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
     items = list(eval_omni.bench_prompts(str(world / "test.jsonl"), None, None, standins=True, query_num=16))
     for sample, prompt, _, media in items:
         assert not any(media[k] for k in ("images", "audios", "videos"))
-        one = processor.sample(prompt, media_as_text=media["as_text"], standin_slots=media["slots"])
+        one = processor.sample(prompt, media_as_text=media["as_text"], standin_slots=media["slots"],
+                               standin_spelled=media["spelled"])
         text = processor.tokenizer.decode(one["input_ids"])
-        assert "<|audio_pad|>" not in text and "<|video_pad|>" not in text
+        assert "<|video_pad|>" not in text
+        image_rows = one["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         if media["slots"]:  # scenes: every image pad is a slot standing for its cell's words (or the pad itself)
             assert text.count("<|image_pad|>") == 16 * len(media["slots"])
-            assert slot_words(processor.tokenizer, one["standin_ids"])[:9] == media["slots"][0]
+            assert slot_words(processor.tokenizer, one["standin_ids"][image_rows])[:9] == media["slots"][0]
         else:
             assert "<|image_pad|>" not in text
-        if sample["task"] in ("asr", "ocr"):
+        if sample.get("audios"):  # speech: its transcript spelled over the audio pads
+            assert media["spelled"] == [sample["meta"]["transcript"]]
+            assert text.count("<|audio_pad|>") == spelled_length(sample["meta"]["transcript"])
+            assert (one["standin_ids"][one["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
+                "<|audio_pad|>")] >= 0).any(-1).all()
+        else:
+            assert "<|audio_pad|>" not in text
+        if sample["task"] == "ocr":
             assert sample["meta"]["answer"] in text
     results, _ = eval_omni.run_bench(model, processor, str(world / "test.jsonl"), standins=True)
     assert set(results["tasks"]) == {sample["task"] for sample, *_ in items}
@@ -210,6 +227,27 @@ def test_slot_warmup_targets_are_aligns_stand_ins(chain, world):
         assert slot_words(tokenizer, got)[:9] == cell_texts(sample["lang"], sample["meta"]["scene"]["objects"])
         checked += 1
     assert checked >= 2
+
+
+def test_align_clips_carry_the_characters_listen_spelled_them_with(chain, world):
+    """After the listen stage, align's batches (OmniDataset with stand-ins) give each audio chunk its transcript
+    as classes of config.spelling_ids, the ones the listen warm-up fitted; chunks of other samples get length 0."""
+    model, tokenizer = OmniModel.from_pretrained(str(chain / "listen")), load_tokenizer(str(chain / "listen"))
+    spelling = model.config.spelling_ids
+    paths = [str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]  # the chain's listen --data
+    listened = warmup_data(argparse.Namespace(data=paths, batch_size=4, seed=0), "listen", model.config)[0]
+    assert [char_token_ids(tokenizer, c)[0] for c in listened.chars] == spelling
+    data = OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024, standins=True)
+    asr = [k for k, (_, s) in enumerate(data.records) if s["task"] == "asr"]
+    caption = next(k for k, (_, s) in enumerate(data.records) if s["task"] == "caption")
+    items = [data[asr[0]], data[caption], data[asr[1]]]
+    batch = collate(items, tokenizer.pad_token_id)
+    assert batch["audio_features"].shape[0] == 2 and batch["audio_spelling_lens"].tolist() == [
+        len(items[0]["audio_spelling"][0]), len(items[2]["audio_spelling"][0])]
+    for row, n, k in zip(batch["audio_spelling"], batch["audio_spelling_lens"], (asr[0], asr[1])):
+        spelled = "".join(tokenizer.decode(spelling[c - 1]) for c in row[:n].tolist())
+        assert spelled == data.records[k][1]["meta"]["transcript"].lower()
+    assert "audio_spelling" not in OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024)[asr[0]]
 
 
 def adam_steps(loss_fn, params, steps: int, lr: float = 2e-3) -> list[float]:
