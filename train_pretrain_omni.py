@@ -16,7 +16,7 @@ Stages (see the README for the why):
   the LLM learns ToyWorld's language with each medium replaced by its stand-in (a scene as one vector per cell in
   its image slots, speech as its transcript spelled one character per audio row, ...), plus 3,000 generated scenes
   of 6 questions each, where the lookup loss (--lookup_weight) points a middle-layer head at the slot a question
-  asks about, and 1,000 generated transcriptions (spelling practice over the whole ASR lexicon): what a pretrained
+  asks about, and 2,000 generated transcriptions (spelling practice over the whole ASR lexicon): what a pretrained
   LLM arrives able to do. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
 - slots (tiny recipe too): the resampler alone learns to write each scene cell's stand-in into that cell's slot,
   from the frozen tower and without the LLM. The stand-ins are fixed word codes, so the text side (text stage)
@@ -43,9 +43,9 @@ STAGES = {
     "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=8, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={},  # not 2e-3: README
-                 scene_questions=3000, questions_per_scene=6, transcriptions=1000),
+                 scene_questions=3000, questions_per_scene=6, transcriptions=2000),
     "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=8, batch_size=16, lr=2e-3, lrs={}),
-    "listen": dict(train="audio_projector", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
+    "listen": dict(train="audio_projector", data=WARMUP_DATA, tasks="", epochs=4, batch_size=16, lr=2e-3, lrs={}),
     "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=3,
                   batch_size=16, lr=2e-3, lrs={}),
     "joint": dict(train="vision,audio,llm,projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr",

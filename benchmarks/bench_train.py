@@ -194,7 +194,7 @@ def main():
                    help="only compare the text warm-up's padded and packed batches (needs the full ToyWorld in --data)")
     p.add_argument("--scene_questions", type=int, default=3000, help="--text_packing: the text stage's default")
     p.add_argument("--questions_per_scene", type=int, default=6, help="--text_packing: the text stage's default")
-    p.add_argument("--transcriptions", type=int, default=1000, help="--text_packing: the text stage's default")
+    p.add_argument("--transcriptions", type=int, default=2000, help="--text_packing: the text stage's default")
     args = p.parse_args()
     if args.text_packing:
         return text_packing(args.data, args.steps, args.scene_questions, args.questions_per_scene, args.transcriptions)

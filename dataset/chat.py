@@ -209,20 +209,20 @@ def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[st
     blocks = torch.tensor_split(rows, (torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1).tolist())
     if not len(rows) or len(blocks) != len(transcripts):
         return None
-    out = torch.full((len(input_ids), 1), -1, dtype=torch.long)
-    out[rows, 0] = pad
-    out = [list(r) for r in out.tolist()]
+    words = {}                                                                    # pad row -> its character's ids
     for block, text in zip(blocks, transcripts):
         chars = char_token_ids(tokenizer, text)
-        path = spelled_path(len(chars), len(block), [i > 0 and chars[i] == chars[i - 1] for i in range(len(chars))],
-                            zlib.crc32(text.encode()))
+        doubled = [i > 0 and chars[i] == chars[i - 1] for i in range(len(chars))]
+        path = spelled_path(len(chars), len(block), doubled, zlib.crc32(text.encode()))
         if path is None:
             return None
-        for row, k in zip(block.tolist(), path):
-            if k >= 0:
-                out[row] = chars[k]
-    width = max(len(r) for r in out)
-    return torch.tensor([r + [-1] * (width - len(r)) for r in out], dtype=torch.long)
+        words |= {row: chars[k] for row, k in zip(block.tolist(), path) if k >= 0}
+    out = torch.full((len(input_ids), max(map(len, words.values()), default=1)), -1, dtype=torch.long)  # [T, W]
+    out[rows, 0] = pad
+    for row, ids in words.items():
+        out[row, 0] = -1
+        out[row, :len(ids)] = torch.tensor(ids)
+    return out
 
 
 def standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]] | None,

@@ -31,7 +31,7 @@ from stage_utils import (SlotWarmupData, TextDataset, build_model, collate_slots
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4", "--log_every", "1"]
-STAGES = ["vision", "audio", "text", "slots", "align", "joint"]
+STAGES = ["vision", "audio", "text", "slots", "listen", "align", "joint"]
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +139,31 @@ def test_text_warmup_adds_generated_scene_questions(world):
     assert [s["task"] for s, *_ in extra] == ["color", "shape", "count", "position"] * 2
     again = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=8, seed=3).samples[base:]
     assert [s["conversations"] for s, *_ in again] == [s["conversations"] for s, *_ in extra]
-    for sample, _, slots in extra:
+    for sample, _, slots, _ in extra:
         assert slots == [cell_texts("en", sample["meta"]["scene"]["objects"])]
         if sample["task"] == "count":  # the answer counts the objects that match what was asked
             query, objs = sample["meta"]["query"], sample["meta"]["scene"]["objects"]
             n = sum(all(o[k] == v for k, v in query.items()) for o in objs)
             assert sample["conversations"][1]["content"] == f"{n}."
+
+
+def test_text_warmup_adds_generated_transcriptions(world):
+    """--transcriptions N: N more ASR samples from ToyWorld's own generator (none a held-out combination), drawn
+    again identically from a seed, each clip its transcript spelled over spelled_length pads; the answer is the
+    transcript."""
+    tokenizer = load_tokenizer(str(world / "tokenizer"))
+    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, 16))
+    data = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, transcriptions=6, seed=3)
+    extra = data.samples[base:]
+    again = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, transcriptions=6, seed=3).samples[base:]
+    assert len(extra) == 6 and [s["conversations"] for s, *_ in again] == [s["conversations"] for s, *_ in extra]
+    audio_pad = tokenizer.convert_tokens_to_ids("<|audio_pad|>")
+    for k, (sample, _, _, spelled) in enumerate(extra):
+        transcript = sample["meta"]["transcript"]
+        assert sample["task"] == "asr" and not sample["meta"]["unseen"] and spelled == [transcript]
+        item = data[base + k]
+        assert int((item["input_ids"] == audio_pad).sum()) == spelled_length(transcript)
+        assert tokenizer.decode(item["labels"][item["labels"] >= 0]) == transcript + "<|im_end|>"
 
 
 def test_text_warmup_scene_conversations_have_the_asked_number_of_turns(world):
