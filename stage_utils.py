@@ -22,8 +22,8 @@ from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, length_gro
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import describe_media, queried_cells, scene_slots
 from model.lora import apply_lora, merge_lora
-from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END, VIDEO_START,
-                              OmniConfig, OmniModel)
+from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END,
+                              VIDEO_START, OmniConfig, OmniModel)
 from model.warmup_heads import CELL_FIELDS
 from trainer import cleanup_distributed, is_main
 
@@ -138,7 +138,8 @@ def omni_data(args, config, tokenizer, codec=None):
 STANDIN_WRAP = {"image": (IMAGE_START, IMAGE_END), "audio": (AUDIO_START, AUDIO_END), "video": (VIDEO_START, VIDEO_END)}
 
 
-def standin_expansions(sample: dict, query_num: int):
+def standin_expansions(sample: dict, query_num: int
+                       ) -> tuple[dict[str, list[str]], list[list[str]] | None, list[str]] | None:
     """Media markers -> (their stand-ins between the medium's start/end tokens, the scenes' slot texts, the
     transcripts the audio pads spell), or None without ToyWorld truth. A scene becomes query_num image pads standing
     for its cells' words (one cell per slot: toyworld_text.scene_slots, chat.slot_standin_ids), the slots `align`
@@ -187,9 +188,10 @@ class TextDataset(Dataset):
     """The LLM's warm-up on ToyWorld language, as a real LLM arrives knowing its language: the conversations with
     each medium replaced by a stand-in (standin_expansions: a scene by its cells' words, one vector per image
     slot; speech by its spelled transcript, ...), plus `scene_questions` generated scene questions
-    (`questions_per_scene` turns each) and `transcriptions` generated ASR samples. So the LLM first learns to answer from a DESCRIPTION in its context, and `align` then only has to
-    make the media embeddings read like one. Samples without ToyWorld ground truth get their media markers removed;
-    those left without a question are dropped."""
+    (`questions_per_scene` turns each) and `transcriptions` generated ASR samples. So the LLM first learns to answer
+    from a DESCRIPTION in its context, and `align` then only has to make the media embeddings read like one.
+    Samples without ToyWorld ground truth get their media markers removed; those left without a question are
+    dropped."""
 
     def __init__(self, paths: list[str], tokenizer, query_num: int, scene_questions: int = 0, seed: int = 0,
                  questions_per_scene: int = 1, transcriptions: int = 0):
