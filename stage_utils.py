@@ -364,11 +364,14 @@ def collate_slots(items: list[dict]) -> dict:
 
 
 def warmup_data(args, stage: str, config: OmniConfig, tokenizer=None):
-    """-> (dataset, collate_fn, batches_fn) of the vision, slots or audio warm-up (plain shuffled batches)."""
+    """-> (dataset, collate_fn, batches_fn) of the vision, slots, audio or listen warm-up (plain shuffled batches;
+    audio and listen share the clips and their characters)."""
     if stage == "slots":
         dataset, collate_fn = SlotWarmupData(args.data, tokenizer, config), collate_slots
     elif stage == "vision":
         dataset, collate_fn = VisionWarmupData(args.data, config.scale_resolution), collate_vision
-    else:
+    elif stage in ("audio", "listen"):
         dataset, collate_fn = AudioWarmupData(args.data, charset(args.data), config), collate_audio
+    else:
+        raise ValueError(f"no warm-up data for stage {stage!r}")
     return dataset, collate_fn, partial(length_grouped_batches, [0] * len(dataset), args.batch_size, args.seed)

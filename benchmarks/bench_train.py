@@ -72,9 +72,8 @@ def tiny_throughput(data: str, steps: int, batch_size: int = 16):
 def text_packing(data: str, steps: int, scene_questions: int, questions_per_scene: int, transcriptions: int,
                  batch_size: int = 16):
     """The text warm-up's batches (the dataset's conversations with stand-ins + generated scenes and transcriptions,
-    plainly shuffled)
-    collated padded (collate) and packed (pack_rows), the same batches on the same LLM: the share of computed
-    tokens that are real, and the speed of each."""
+    plainly shuffled) collated padded (collate) and packed (pack_rows), the same batches on the same LLM: the share
+    of computed tokens that are real, and the speed of each."""
     tokenizer = load_tokenizer(os.path.join(data, "tokenizer"))
     config = OmniConfig.preset("tiny")
     config.llm.vocab_size = -(-len(tokenizer) // 64) * 64

@@ -9,6 +9,7 @@ when its first character lies in a trained piece. Qwen3's template, reproduced h
     <|im_start|>assistant\\n<think>\\n{reasoning}\\n</think>\\n\\n{answer}<|im_end|>\\n   (assistant turns after
                                                         the last user turn; earlier ones keep only {answer})
 """
+import functools
 import random
 import re
 import zlib
@@ -168,10 +169,16 @@ def spelled_length(text: str) -> int:
     return round(1.1 * len(text)) + 8
 
 
+@functools.lru_cache(maxsize=None)
+def _char_ids(tokenizer, char: str) -> tuple[int, ...]:
+    return tuple(tokenizer(char, add_special_tokens=False)["input_ids"])
+
+
 def char_token_ids(tokenizer, text: str) -> list[list[int]]:
     """The token ids of each lower-cased character of text on its own (' ' -> the space token, a CJK character ->
-    its UTF-8 byte tokens): a spelled stand-in row is the sum of their word codes."""
-    return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in text.lower()]
+    its UTF-8 byte tokens): a spelled stand-in row is the sum of their word codes. Each character is tokenised once
+    per tokenizer (cached): the text warm-up and align spell every clip of every epoch."""
+    return [list(_char_ids(tokenizer, c)) for c in text.lower()]
 
 
 def spelling_targets(tokenizer, text: str, spelling_ids: list[list[int]]) -> torch.Tensor:
