@@ -63,11 +63,12 @@ def score(task: str, prediction: str, reference: str) -> float:
 
 
 # ----------------------------------------------------------------------------- batched generation
-def bench_prompts(path: str, tasks: set[str] | None, limit: int | None, standins: bool = False, query_num: int = 0):
+def bench_prompts(path: str, tasks: set[str] | None, limit: int | None, standins: bool = False, config=None):
     """(sample, messages without the final answer, reference answer, media) for every benchmark line.
     standins: every medium is replaced by its stand-in (what the LLM's text warm-up reads: a scene as query_num
-    slots of its cells' words, the rest as text), so the score is what the LLM can answer from a perfect
-    description: the ceiling for reading the media themselves."""
+    slots of its cells' words, a clip frame by frame the same way, speech spelled, the rest as text; config: the
+    model's OmniConfig), so the score is what the LLM can answer from a perfect description: the ceiling for
+    reading the media themselves."""
     root = os.path.dirname(os.path.abspath(path))
     per_task = defaultdict(int)
     with open(path, encoding="utf-8") as f:
@@ -80,26 +81,32 @@ def bench_prompts(path: str, tasks: set[str] | None, limit: int | None, standins
             messages = conversation_messages(sample)
             media = {k: [os.path.join(root, p) for p in sample.get(k) or []] for k in ("images", "audios", "videos")}
             if standins:
-                described = standin_expansions(sample, query_num)
+                described = standin_expansions(sample, config)
                 if described is None:
                     continue
-                media = {k: [] for k in media} | {"as_text": described[0], "slots": described[1],
-                                                  "spelled": described[2]}
+                media = {k: [] for k in media} | {"standins": described}
             yield sample, messages[:-1], messages[-1]["content"], media
+
+
+def standin_inputs(standins) -> dict:
+    """stage_utils.Standins -> the stand-in keywords of OmniProcessor.sample (none without stand-ins)."""
+    if standins is None:
+        return {}
+    return {"media_as_text": standins.expansions, "standin_slots": standins.slots,
+            "standin_spelled": standins.spelled, "standin_frames": standins.frames}
 
 
 @torch.no_grad()
 def run_bench(model, processor, path, batch_size=16, tasks=None, limit=None, max_new_tokens=128, standins=False):
     """-> (results {"tasks": {task: {metric, value, n}}}, per-sample records)."""
     device = next(model.parameters()).device
-    items = list(bench_prompts(path, tasks, limit, standins, model.config.query_num))
+    items = list(bench_prompts(path, tasks, limit, standins, model.config))
     records, stop = [], processor.stop_ids
     for start in tqdm(range(0, len(items), batch_size), desc="bench", disable=not sys.stderr.isatty()):
         chunk = items[start:start + batch_size]
         singles = [processor.sample(prompt, media["images"], media["audios"], media["videos"],
                                     enable_thinking=bool(sample.get("thinking", False)),
-                                    media_as_text=media.get("as_text"), standin_slots=media.get("slots"),
-                                    standin_spelled=media.get("spelled"))
+                                    **standin_inputs(media.get("standins")))
                    for sample, prompt, _, media in chunk]
         batch = left_pad(collate(singles, processor.tokenizer.pad_token_id))
         batch.pop("labels")

@@ -10,17 +10,18 @@ import json
 import os
 import random
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from dataset.build_toyworld import ASK, follow_up_questions, gen_asr, gen_scene_qa
+from dataset.build_toyworld import ASK, follow_up_questions, gen_asr, gen_scene_qa, gen_video
 from dataset.chat import (MARKERS, lookup_targets, slot_standin_ids, spelled_length, standin_ids,
                           tokenize_conversation)
-from dataset.media import audio_features, image_to_tensor, load_image, read_video
+from dataset.media import audio_features, image_to_tensor, load_image, read_video, video_placeholder
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
-from dataset.toyworld_text import describe_media, queried_cells, scene_slots
+from dataset.toyworld_text import describe_media, frame_objects, frame_slots, queried_slots, scene_slots
 from model.lora import apply_lora, merge_lora
 from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END,
                               VIDEO_START, OmniConfig, OmniModel)
@@ -138,26 +139,38 @@ def omni_data(args, config, tokenizer, codec=None):
 STANDIN_WRAP = {"image": (IMAGE_START, IMAGE_END), "audio": (AUDIO_START, AUDIO_END), "video": (VIDEO_START, VIDEO_END)}
 
 
-def standin_expansions(sample: dict, query_num: int
-                       ) -> tuple[dict[str, list[str]], list[list[str]] | None, list[str]] | None:
-    """Media markers -> (their stand-ins between the medium's start/end tokens, the scenes' slot texts, the
-    transcripts the audio pads spell), or None without ToyWorld truth. A scene becomes query_num image pads standing
-    for its cells' words (one cell per slot: toyworld_text.scene_slots, chat.slot_standin_ids), the slots `align`
-    then teaches the resampler to fill; speech becomes audio pads spelling its transcript (chat.spelled_standin_ids),
-    which the listen warm-up teaches the audio projector to write; rendered text and clips become text
-    (toyworld_text.describe_media)."""
+class Standins(NamedTuple):
+    """A ToyWorld sample's media as what the text warm-up reads instead (standin_expansions)."""
+    expansions: dict[str, list[str]]  # per medium kind, each marker's stand-in (pads or text, with start/end tokens)
+    slots: list[list[str]] | None     # per scene, its query_num image slots' texts (toyworld_text.scene_slots)
+    frames: list[list[str]] | None    # per frame of the clip, its video slots' texts (toyworld_text.frame_slots)
+    spelled: list[str]                # per clip of speech, the transcript its audio pads spell
+
+
+def standin_expansions(sample: dict, config: OmniConfig) -> Standins | None:
+    """Media markers -> their stand-ins, or None without ToyWorld truth. A scene becomes query_num image pads
+    standing for its cells' words (one cell per slot: toyworld_text.scene_slots, chat.slot_standin_ids), the slots
+    `align` then teaches the resampler to fill; a clip, where each frame has its own slots (video_group_size 1),
+    becomes those frames read the same way; speech becomes audio pads spelling its transcript
+    (chat.spelled_standin_ids), which the listen warm-up teaches the audio projector to write; rendered text (and a
+    clip under a grouping resampler) becomes text (toyworld_text.describe_media)."""
     described = describe_media(sample)
     if described is None:
         return None
+    q = config.query_num
     slots = scene_slots(sample)
-    if slots and len(slots[0]) <= query_num:
-        described["image"] = [IMAGE_PAD * query_num] * len(slots)
+    if slots and len(slots[0]) <= q:
+        described["image"] = [IMAGE_PAD * q] * len(slots)
     else:
         slots = None
+    frames = frame_slots(sample, config.video_max_frames) if config.video_group_size == 1 else None
     spelled = described["audio"]
     described["audio"] = [AUDIO_PAD * spelled_length(text) for text in spelled]
-    return ({kind: [STANDIN_WRAP[kind][0] + text + STANDIN_WRAP[kind][1] for text in texts]
-             for kind, texts in described.items()}, slots, spelled)
+    expansions = {kind: [STANDIN_WRAP[kind][0] + text + STANDIN_WRAP[kind][1] for text in texts]
+                  for kind, texts in described.items()}
+    if frames:
+        expansions["video"] = [video_placeholder([1] * len(frames), q)]
+    return Standins(expansions, slots, frames, spelled)
 
 
 def generated_scene_questions(n: int, seed: int, per_scene: int = 1) -> list[dict]:
@@ -184,29 +197,37 @@ def generated_transcriptions(n: int, seed: int) -> list[dict]:
     return [gen_asr(rng, "en", i, False)[0] for i in range(n)]
 
 
+def generated_clips(n: int, seed: int) -> list[dict]:
+    """n video questions (moves and appearances in turn) drawn by ToyWorld's own generator, their clips left render
+    specs: text warm-up practice in reading a clip frame by frame, where the dataset has 300."""
+    rng = random.Random(seed)
+    return [gen_video(rng, "en", i, False)[0] for i in range(n)]
+
+
 class TextDataset(Dataset):
     """The LLM's warm-up on ToyWorld language, as a real LLM arrives knowing its language: the conversations with
     each medium replaced by a stand-in (standin_expansions: a scene by its cells' words, one vector per image
-    slot; speech by its spelled transcript, ...), plus `scene_questions` generated scene questions
-    (`questions_per_scene` turns each) and `transcriptions` generated ASR samples. So the LLM first learns to answer
+    slot; a clip frame by frame the same way; speech by its spelled transcript, ...), plus `scene_questions`
+    generated scene questions (`questions_per_scene` turns each), `transcriptions` generated ASR samples and
+    `clips` generated video questions. So the LLM first learns to answer
     from a DESCRIPTION in its context, and `align` then only has to make the media embeddings read like one.
     Samples without ToyWorld ground truth get their media markers removed; those left without a question are
     dropped."""
 
-    def __init__(self, paths: list[str], tokenizer, query_num: int, scene_questions: int = 0, seed: int = 0,
-                 questions_per_scene: int = 1, transcriptions: int = 0):
-        self.tokenizer, self.samples = tokenizer, []
+    def __init__(self, paths: list[str], tokenizer, config: OmniConfig, scene_questions: int = 0, seed: int = 0,
+                 questions_per_scene: int = 1, transcriptions: int = 0, clips: int = 0):
+        self.tokenizer, self.video_max_frames, self.samples = tokenizer, config.video_max_frames, []
         samples = ([sample for _, sample in jsonl_samples(paths)]
                    + generated_scene_questions(scene_questions, seed, questions_per_scene)
-                   + generated_transcriptions(transcriptions, seed))
+                   + generated_transcriptions(transcriptions, seed) + generated_clips(clips, seed))
         for sample in samples:
-            standins = standin_expansions(sample, query_num)
+            standins = standin_expansions(sample, config)
             if standins is None:
                 turns = [dict(t, content=self._strip(t["content"])) for t in sample["conversations"]]
                 if not all(t["content"] for t in turns):
                     continue
-                sample, standins = dict(sample, conversations=turns), ({}, None, [])
-            self.samples.append((sample, *standins))
+                sample, standins = dict(sample, conversations=turns), Standins({}, None, None, [])
+            self.samples.append((sample, standins))
 
     @staticmethod
     def _strip(text: str) -> str:
@@ -218,20 +239,22 @@ class TextDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        sample, expansions, slots, spelled = self.samples[i]
-        input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)
-        words = standin_ids(input_ids, self.tokenizer, slots, spelled)
+        sample, standins = self.samples[i]
+        input_ids, labels = tokenize_conversation(sample, self.tokenizer, standins.expansions)
+        words = standin_ids(input_ids, self.tokenizer, standins.slots, standins.spelled, standins.frames)
         if words is None:
             return {"input_ids": input_ids, "labels": labels}
         return {"input_ids": input_ids, "labels": labels, "standin_ids": words,
-                "lookup_slots": lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample))}
+                "lookup_slots": lookup_targets(input_ids, labels, self.tokenizer,
+                                               queried_slots(sample, self.video_max_frames))}
 
 
-def text_data(args, tokenizer, query_num: int):
-    dataset = TextDataset(args.data, tokenizer, query_num, args.scene_questions, args.seed, args.questions_per_scene,
-                          args.transcriptions)
-    lengths = [sum(len(t["content"]) for t in s["conversations"]) + sum(len(e) for es in x.values() for e in es)
-               for s, x, _, _ in dataset.samples]
+def text_data(args, tokenizer, config: OmniConfig):
+    dataset = TextDataset(args.data, tokenizer, config, args.scene_questions, args.seed, args.questions_per_scene,
+                          args.transcriptions, args.clips)
+    lengths = [sum(len(t["content"]) for t in s["conversations"]) + sum(len(e) for es in x.expansions.values()
+                                                                      for e in es)
+               for s, x in dataset.samples]
     # mega_batches=1: plain shuffled batches. Grouping by length would sort the generated conversations into
     # batches of their own, and the LLM then no longer learns the lookups (docs/experiments.md). pack_rows instead
     # packs a batch's short samples into rows as long as its longest: the same loss on half the padded tokens.
@@ -264,16 +287,11 @@ def scene_cells(objects: list[dict]) -> torch.Tensor:
     return cells
 
 
-def _cell_of(obj: dict, box: list[int], size: int) -> dict:
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    return dict(obj, cell=[min(2, int(cy * 3 // size)), min(2, int(cx * 3 // size))])
-
-
 class VisionWarmupData(Dataset):
-    """Items: a scene image, or all frames of a clip, with per-cell targets."""
+    """Items: a scene image, or the frames of a clip the model reads (at most max_frames), with per-cell targets."""
 
-    def __init__(self, paths: list[str], image_size: int):
-        self.size, self.items = image_size, []
+    def __init__(self, paths: list[str], max_frames: int):
+        self.max_frames, self.items = max_frames, []
         for root, s in jsonl_samples(paths):
             m, images = s.get("meta", {}), [os.path.join(root, p) for p in s.get("images") or []]
             if "scenes" in m:
@@ -286,18 +304,13 @@ class VisionWarmupData(Dataset):
     def __len__(self):
         return len(self.items)
 
-    def _video_frames(self, path: str, m: dict) -> list[list[dict]]:
-        """Objects visible in each frame, from the clip's ground truth (moving object: its box in that frame)."""
-        if m["kind"] == "move":
-            return [m["objects"] + [_cell_of(m["object"], box, self.size)] for box in m["track"]]
-        return [m["objects"] + ([m["object"]] if t >= m["appear_frame"] else []) for t in range(m["num_frames"])]
-
     def __getitem__(self, i) -> list[tuple[torch.Tensor, torch.Tensor]]:
         kind, path, target = self.items[i]
         if kind == "scene":
             return [(image_to_tensor(load_image(path)), scene_cells(target))]
-        frames, _ = read_video(path, max_frames=64)
-        return [(image_to_tensor(f), scene_cells(objs)) for f, objs in zip(frames, self._video_frames(path, target))]
+        frames, _ = read_video(path, self.max_frames)
+        return [(image_to_tensor(f), scene_cells(objs))
+                for f, objs in zip(frames, frame_objects(target, self.max_frames), strict=True)]
 
 
 def collate_vision(items: list[list]) -> dict:
@@ -334,33 +347,42 @@ def collate_audio(items: list[dict]) -> dict:
 
 
 class SlotWarmupData(Dataset):
-    """Every ToyWorld scene image (single and multi-image samples) -> (pixels, the word ids of its query_num slots)."""
+    """Every ToyWorld scene image (single and multi-image samples), and every clip's frames when each frame has its
+    own slots (video_group_size 1) -> per image or frame (pixels, the word ids of its query_num slots)."""
 
     def __init__(self, paths: list[str], tokenizer, config: OmniConfig):
         self.tokenizer, self.config, self.items = tokenizer, config, []
         for root, s in jsonl_samples(paths):
             for path, texts in zip(s.get("images") or [], scene_slots(s) or []):
-                self.items.append((os.path.join(root, path), texts))
+                self.items.append((os.path.join(root, path), False, [texts]))
+            frames = frame_slots(s, config.video_max_frames) if config.video_group_size == 1 else None
+            if frames:
+                self.items.append((os.path.join(root, s["videos"][0]), True, frames))
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
-        path, texts = self.items[i]
-        pixels = image_to_tensor(load_image(path))                                   # [3, S, S]
-        if list(pixels.shape[1:]) != [self.config.scale_resolution] * 2:
-            raise ValueError(f"{path}: a scene must be {self.config.scale_resolution}px square (one slice), "
-                             f"got {tuple(pixels.shape[1:])}")
+    def __getitem__(self, i) -> list[dict]:
+        path, is_clip, slots = self.items[i]
+        images = read_video(path, self.config.video_max_frames)[0] if is_clip else [load_image(path)]
         pads = torch.full((self.config.query_num,), self.config.image_pad_id, dtype=torch.long)
-        return {"pixels": pixels, "standin_ids": slot_standin_ids(pads, self.tokenizer, [texts])}  # [Q, W]
+        out = []
+        for image, texts in zip(images, slots, strict=True):
+            pixels = image_to_tensor(image)                                          # [3, S, S]
+            if list(pixels.shape[1:]) != [self.config.scale_resolution] * 2:
+                raise ValueError(f"{path}: a scene must be {self.config.scale_resolution}px square (one slice), "
+                                 f"got {tuple(pixels.shape[1:])}")
+            out.append({"pixels": pixels, "standin_ids": slot_standin_ids(pads, self.tokenizer, [texts])})  # [Q, W]
+        return out
 
 
-def collate_slots(items: list[dict]) -> dict:
-    width = max(it["standin_ids"].shape[1] for it in items)
-    ids = torch.full((len(items), items[0]["standin_ids"].shape[0], width), -1, dtype=torch.long)  # [N, Q, W]
-    for k, it in enumerate(items):
-        ids[k, :, :it["standin_ids"].shape[1]] = it["standin_ids"]
-    return {"pixel_values": torch.stack([it["pixels"] for it in items]), "standin_ids": ids}  # [N, 3, S, S]
+def collate_slots(items: list[list[dict]]) -> dict:
+    scenes = [x for it in items for x in it]
+    width = max(x["standin_ids"].shape[1] for x in scenes)
+    ids = torch.full((len(scenes), scenes[0]["standin_ids"].shape[0], width), -1, dtype=torch.long)  # [N, Q, W]
+    for k, x in enumerate(scenes):
+        ids[k, :, :x["standin_ids"].shape[1]] = x["standin_ids"]
+    return {"pixel_values": torch.stack([x["pixels"] for x in scenes]), "standin_ids": ids}  # [N, 3, S, S]
 
 
 def warmup_data(args, stage: str, config: OmniConfig, tokenizer=None):
@@ -369,7 +391,7 @@ def warmup_data(args, stage: str, config: OmniConfig, tokenizer=None):
     if stage == "slots":
         dataset, collate_fn = SlotWarmupData(args.data, tokenizer, config), collate_slots
     elif stage == "vision":
-        dataset, collate_fn = VisionWarmupData(args.data, config.scale_resolution), collate_vision
+        dataset, collate_fn = VisionWarmupData(args.data, config.video_max_frames), collate_vision
     elif stage in ("audio", "listen"):
         dataset, collate_fn = AudioWarmupData(args.data, charset(args.data), config), collate_audio
     else:

@@ -43,8 +43,8 @@ STAGES = {
     "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=8, batch_size=32, lr=2e-3, lrs={}),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={},  # not 2e-3: README
-                 scene_questions=3000, questions_per_scene=6, transcriptions=2000),
-    "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=8, batch_size=16, lr=2e-3, lrs={}),
+                 scene_questions=3000, questions_per_scene=6, transcriptions=2000, clips=600),
+    "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=6, batch_size=16, lr=2e-3, lrs={}),
     "listen": dict(train="audio_projector", data=WARMUP_DATA, tasks="", epochs=4, batch_size=16, lr=2e-3, lrs={}),
     "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=3,
                   batch_size=16, lr=2e-3, lrs={}),
@@ -67,6 +67,8 @@ def parse_args(argv=None):
                         help="text stage: question/answer turns per generated scene (one conversation)")
     parser.add_argument("--transcriptions", type=int, default=0,
                         help="text stage: this many generated ASR samples (spelling practice) on top of --data")
+    parser.add_argument("--clips", type=int, default=0,
+                        help="text stage: this many generated video questions (clips read frame by frame) on top")
     add_common_args(parser)
     lrs = defaults.pop("lrs")
     parser.set_defaults(out=f"out/{stage}", warmup_ratio=0.05, **defaults)
@@ -93,7 +95,7 @@ def main(argv=None):
         model.config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in data[0].chars]
         net = ListenWarmup(model)
     elif args.stage == "text":
-        net, data = model, text_data(args, tokenizer, model.config.query_num)
+        net, data = model, text_data(args, tokenizer, model.config)
     else:
         net, data = model, omni_data(args, model.config, tokenizer)
     print(f"stage {args.stage}: training {model.trainable_components()}, {len(data[0])} samples")

@@ -70,10 +70,10 @@ def tiny_throughput(data: str, steps: int, batch_size: int = 16):
 
 
 def text_packing(data: str, steps: int, scene_questions: int, questions_per_scene: int, transcriptions: int,
-                 batch_size: int = 16):
-    """The text warm-up's batches (the dataset's conversations with stand-ins + generated scenes and transcriptions,
-    plainly shuffled) collated padded (collate) and packed (pack_rows), the same batches on the same LLM: the share
-    of computed tokens that are real, and the speed of each."""
+                 clips: int, batch_size: int = 16):
+    """The text warm-up's batches (the dataset's conversations with stand-ins + generated scenes, transcriptions and
+    clips, plainly shuffled) collated padded (collate) and packed (pack_rows), the same batches on the same LLM: the
+    share of computed tokens that are real, and the speed of each."""
     tokenizer = load_tokenizer(os.path.join(data, "tokenizer"))
     config = OmniConfig.preset("tiny")
     config.llm.vocab_size = -(-len(tokenizer) // 64) * 64
@@ -82,7 +82,7 @@ def text_packing(data: str, steps: int, scene_questions: int, questions_per_scen
     model.lookup_weight = 1.0
     set_trainable(model, ["llm"])
     dataset = TextDataset([os.path.join(data, f) for f in ("pretrain.jsonl", "sft.jsonl")], tokenizer,
-                          config.query_num, scene_questions, 0, questions_per_scene, transcriptions)
+                          config, scene_questions, 0, questions_per_scene, transcriptions, clips)
     lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
     order = length_grouped_batches(lengths, batch_size, seed=0, epoch=0, mega_batches=1)[:steps + 3]
     speeds = {}
@@ -194,9 +194,11 @@ def main():
     p.add_argument("--scene_questions", type=int, default=3000, help="--text_packing: the text stage's default")
     p.add_argument("--questions_per_scene", type=int, default=6, help="--text_packing: the text stage's default")
     p.add_argument("--transcriptions", type=int, default=2000, help="--text_packing: the text stage's default")
+    p.add_argument("--clips", type=int, default=600, help="--text_packing: the text stage's default")
     args = p.parse_args()
     if args.text_packing:
-        return text_packing(args.data, args.steps, args.scene_questions, args.questions_per_scene, args.transcriptions)
+        return text_packing(args.data, args.steps, args.scene_questions, args.questions_per_scene, args.transcriptions,
+                            args.clips)
     if not args.skip_tiny:
         tiny_throughput(args.data, args.steps)
     (gpu_peak if torch.cuda.is_available() else cpu_accounting)(args.tokens)

@@ -16,7 +16,7 @@ import zlib
 
 import torch
 
-from model.model_omni import AUDIO_PAD, IMAGE_PAD, IMAGE_START, VIDEO_PAD
+from model.model_omni import AUDIO_PAD, IMAGE_PAD, IMAGE_START, VIDEO_PAD, VIDEO_START
 
 IGNORE_INDEX = -100
 MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
@@ -143,20 +143,29 @@ def tokenize_conversation(sample: dict, tokenizer, media_expansions: dict[str, l
     return input_ids, labels
 
 
-def slot_standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]]) -> torch.Tensor | None:
-    """[T] ids + per image its slot texts (toyworld_text.scene_slots) -> Long[T, W]: the word ids each image pad
-    row stands for, -1 elsewhere and as padding. Each image's pad rows take its slot texts in order; rows beyond
-    them stand for the pad token itself. None when the pads do not split evenly into one block per image with
-    room for every slot (e.g. an image that was sliced): such a sample simply has no stand-in."""
-    pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    rows = torch.nonzero(input_ids == pad).flatten()                              # [n_pads]
+@functools.lru_cache(maxsize=None)
+def _piece_ids(tokenizer, text: str) -> tuple[int, ...]:
+    """Token ids of a short piece of text on its own (a character, a cell's words), tokenised once per tokenizer:
+    stand-ins are rebuilt for every sample of every epoch from a few hundred distinct pieces."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def slot_standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]], pad_token: str = IMAGE_PAD
+                     ) -> torch.Tensor | None:
+    """[T] ids + per image (or per video frame, pad_token VIDEO_PAD) its slot texts (toyworld_text.scene_slots,
+    frame_slots) -> Long[T, W]: the word ids each pad row stands for, -1 elsewhere and as padding. Each block of pad
+    rows takes its slot texts in order; rows beyond them stand for the image pad token (a spare slot of the
+    resampler, which cannot tell a frame from a scene: both write the same spare slots). None when the pads do not
+    split evenly into one block per image with room for every slot (e.g. an image that was sliced): such a sample
+    simply has no stand-in."""
+    rows = torch.nonzero(input_ids == tokenizer.convert_tokens_to_ids(pad_token)).flatten()  # [n_pads]
     per_image = len(rows) // max(len(slots), 1)
     if not slots or per_image * len(slots) != len(rows) or any(len(s) > per_image for s in slots):
         return None
-    words = {int(rows[k * per_image + j]): tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    words = {int(rows[k * per_image + j]): _piece_ids(tokenizer, " " + text)
              for k, texts in enumerate(slots) for j, text in enumerate(texts)}     # pad row -> its word ids
     out = torch.full((len(input_ids), max(map(len, words.values()))), -1, dtype=torch.long)  # [T, W]
-    out[rows, 0] = pad
+    out[rows, 0] = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     for row, ids in words.items():
         out[row, :len(ids)] = torch.tensor(ids)
     return out
@@ -169,16 +178,10 @@ def spelled_length(text: str) -> int:
     return round(1.1 * len(text)) + 8
 
 
-@functools.lru_cache(maxsize=None)
-def _char_ids(tokenizer, char: str) -> tuple[int, ...]:
-    return tuple(tokenizer(char, add_special_tokens=False)["input_ids"])
-
-
 def char_token_ids(tokenizer, text: str) -> list[list[int]]:
     """The token ids of each lower-cased character of text on its own (' ' -> the space token, a CJK character ->
-    its UTF-8 byte tokens): a spelled stand-in row is the sum of their word codes. Each character is tokenised once
-    per tokenizer (cached): the text warm-up and align spell every clip of every epoch."""
-    return [list(_char_ids(tokenizer, c)) for c in text.lower()]
+    its UTF-8 byte tokens): a spelled stand-in row is the sum of their word codes."""
+    return [list(_piece_ids(tokenizer, c)) for c in text.lower()]
 
 
 def spelling_targets(tokenizer, text: str, spelling_ids: list[list[int]]) -> torch.Tensor:
@@ -232,12 +235,14 @@ def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[st
     return out
 
 
-def standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]] | None,
-                spelled: list[str] | None) -> torch.Tensor | None:
-    """Long[T, W]: the word ids behind a sample's image slots (slot_standin_ids) and its spelled audio
-    (spelled_standin_ids), -1 elsewhere; None if it has neither."""
-    parts = [p for p in (slot_standin_ids(input_ids, tokenizer, slots) if slots else None,
-                         spelled_standin_ids(input_ids, tokenizer, spelled) if spelled else None) if p is not None]
+def standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]] | None, spelled: list[str] | None,
+                frames: list[list[str]] | None = None) -> torch.Tensor | None:
+    """Long[T, W]: the word ids behind a sample's image slots and video frame slots (slot_standin_ids) and its
+    spelled audio (spelled_standin_ids), -1 elsewhere; None if it has none of them."""
+    parts = [slot_standin_ids(input_ids, tokenizer, slots) if slots else None,
+             slot_standin_ids(input_ids, tokenizer, frames, VIDEO_PAD) if frames else None,
+             spelled_standin_ids(input_ids, tokenizer, spelled) if spelled else None]
+    parts = [p for p in parts if p is not None]
     if not parts:
         return None
     out = torch.full((len(input_ids), max(p.shape[1] for p in parts)), -1, dtype=torch.long)
@@ -247,21 +252,29 @@ def standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]] | Non
     return out
 
 
-def lookup_targets(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer, cells: list[int | None]) -> torch.Tensor:
-    """Long[T]: at the position that predicts the first token of the k-th answer, the row of the image slot that
-    holds cells[k] (toyworld_text.queried_cells); -1 elsewhere, and everywhere unless the sample has exactly one
-    image, with a slot per cell, before its first answer. What OmniModel.lookup_loss asks a head to look at."""
-    out = torch.full_like(input_ids, -1)
-    rows = torch.nonzero(input_ids == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).flatten()  # [n_pads]
+def lookup_targets(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer, lookups: list) -> torch.Tensor:
+    """Long[T, 2]: at the position that predicts the first token of the k-th answer, the rows of the slots that
+    lookups[k] names ((image or frame, cell) for each half of the steered heads, frame -1 = the last:
+    toyworld_text.queried_slots); -1 elsewhere, and everywhere unless the sample's pads are one image's or one
+    clip's frames, a block of >= 9 slots each, all before its first answer. What OmniModel.lookup_loss asks the
+    heads to look at."""
+    out = torch.full((len(input_ids), 2), -1, dtype=torch.long)
     trained = labels != IGNORE_INDEX
     starts = torch.nonzero(trained & ~torch.cat([trained.new_zeros(1), trained[:-1]])).flatten()  # each answer
-    if len(rows) < 9 or not len(starts) or rows[-1] > starts[0]:
+    kinds = [(pad, start) for pad, start in ((IMAGE_PAD, IMAGE_START), (VIDEO_PAD, VIDEO_START))
+             if (input_ids == tokenizer.convert_tokens_to_ids(pad)).any()]
+    if len(kinds) != 1 or not len(starts):
         return out
-    if tokenizer.convert_tokens_to_ids(IMAGE_START) in input_ids[rows[0] + 1:rows[-1]].tolist():
-        return out                                                                 # more than one image
-    for start, cell in zip(starts.tolist(), cells):
-        if cell is not None:
-            out[start - 1] = rows[cell]
+    pad, start = (tokenizer.convert_tokens_to_ids(t) for t in kinds[0])
+    rows = torch.nonzero(input_ids == pad).flatten()                                          # [n_pads]
+    blocks = int((input_ids == start).sum())
+    per_block = len(rows) // blocks
+    one_medium = blocks == 1 or kinds[0][0] == VIDEO_PAD               # one image, or a clip's frames, one block each
+    if not one_medium or rows[-1] > starts[0] or per_block * blocks != len(rows) or per_block < 9:
+        return out
+    for start, lookup in zip(starts.tolist(), lookups):
+        if lookup is not None and all(-blocks <= block < blocks for block, _ in lookup):
+            out[start - 1] = torch.stack([rows[block % blocks * per_block + cell] for block, cell in lookup])
     return out
 
 

@@ -106,7 +106,7 @@ def audio_features(path_or_wav, config):
 
 
 # ----------------------------------------------------------------------------- video
-def _uniform_indices(n: int, k: int) -> list[int]:
+def uniform_indices(n: int, k: int) -> list[int]:
     """k indices spread evenly over n items (the centre of each of k equal segments); all of them if n <= k."""
     if n <= k:
         return list(range(n))
@@ -118,7 +118,7 @@ def read_video(path: str, max_frames: int, folder_fps: float = 1.0):
     -> (up to max_frames RGB frames sampled uniformly, their timestamps in seconds)."""
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-        keep = _uniform_indices(len(names), max_frames)
+        keep = uniform_indices(len(names), max_frames)
         return [load_image(os.path.join(path, names[i])) for i in keep], [i / folder_fps for i in keep]
     if path.lower().endswith((".gif", ".webp")):
         with Image.open(path) as im:
@@ -126,7 +126,7 @@ def read_video(path: str, max_frames: int, folder_fps: float = 1.0):
             for frame in ImageSequence.Iterator(im):
                 starts.append(t)
                 t += frame.info.get("duration", 100) / 1000.0  # GIF/WebP durations are in milliseconds
-            keep = _uniform_indices(len(starts), max_frames)
+            keep = uniform_indices(len(starts), max_frames)
             frames = []
             for i in keep:
                 im.seek(i)
@@ -139,7 +139,7 @@ def read_video(path: str, max_frames: int, folder_fps: float = 1.0):
                           f"without it") from e
     with av.open(path) as container:
         decoded = [(f.to_image(), float(f.time or 0.0)) for f in container.decode(video=0)]
-    keep = _uniform_indices(len(decoded), max_frames)
+    keep = uniform_indices(len(decoded), max_frames)
     return [decoded[i][0].convert("RGB") for i in keep], [decoded[i][1] for i in keep]
 
 

@@ -5,10 +5,11 @@ are found when the file is read; problems only loading can reveal (missing or un
 mismatch, too long) are found in __getitem__, which then returns None and the collate drops the sample.
 Every skip is counted by reason in `dataset.skipped` and warned with file:line; `strict=True` raises instead.
 Speech targets (an assistant turn's "speech" wav) become talker codes when the dataset is given the talker's codec.
-With standins=True, ToyWorld scenes also carry the word ids their image slots stand for (chat.slot_standin_ids),
-the target of the stand-in loss (OmniModel.standin_loss), and the slot each scene question asks about (the lookup
-loss's target, OmniModel.lookup_loss); once the model spells speech (config.spelling_ids), each clip also carries
-its transcript's characters (chat.spelling_targets, the listen loss's target, OmniModel.listen_loss).
+With standins=True, ToyWorld scenes (and clips, frame by frame) carry the word ids their slots stand for
+(chat.standin_ids), the target of the stand-in loss (OmniModel.standin_loss), and the slots each question must read
+(the lookup loss's target, OmniModel.lookup_loss); once the model spells speech (config.spelling_ids), each audio
+clip also carries its transcript's characters (chat.spelling_targets, the listen loss's target,
+OmniModel.listen_loss).
 (With DataLoader workers, load-time skips are counted in the workers' copies; the warnings still show them.)
 """
 import json
@@ -21,9 +22,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.chat import (IGNORE_INDEX, MARKERS, SampleError, conversation_messages, count_markers,
-                          lookup_targets, slot_standin_ids, spelling_targets, tokenize_conversation)
+                          lookup_targets, spelling_targets, standin_ids, tokenize_conversation)
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
-from dataset.toyworld_text import describe_media, queried_cells, scene_slots
+from dataset.toyworld_text import describe_media, frame_slots, queried_slots, scene_slots
 
 MEDIA_KEYS = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -160,10 +161,12 @@ class OmniDataset(Dataset):
             raise SampleError("too_long", f"{len(input_ids)} tokens > max_length {self.max_length}")
         speech = self._speech(sample["conversations"][-1], input_ids, labels) if self.codec is not None else {}
         slots = scene_slots(sample) if self.standins else None
-        standin = slot_standin_ids(input_ids, self.tokenizer, slots) if slots else None
+        max_frames = self.config.video_max_frames
+        frames = frame_slots(sample, max_frames) if self.standins and self.config.video_group_size == 1 else None
+        standin = standin_ids(input_ids, self.tokenizer, slots, None, frames) if slots or frames else None
         if standin is not None:  # slots in cell order: the lookup loss may point at the one a question asks about
             out["standin_ids"] = standin
-            out["lookup_slots"] = lookup_targets(input_ids, labels, self.tokenizer, queried_cells(sample))
+            out["lookup_slots"] = lookup_targets(input_ids, labels, self.tokenizer, queried_slots(sample, max_frames))
         transcripts = (describe_media(sample) or {}).get("audio", []) if self.standins else []
         spelling = self.config.spelling_ids
         if spelling and transcripts and len(transcripts) == len(out.get("audio_features", [])):  # one chunk each
@@ -228,8 +231,8 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
         parts = [s[key] for s in samples if key in s]
         if parts:
             batch[key] = torch.cat(parts)
-    if any("lookup_slots" in s for s in samples):                               # [B, T], -1 = no lookup target
-        batch["lookup_slots"] = torch.full((B, T), -1, dtype=torch.long)
+    if any("lookup_slots" in s for s in samples):                            # [B, T, 2], -1 = no lookup target
+        batch["lookup_slots"] = torch.full((B, T, 2), -1, dtype=torch.long)
         for b, s in enumerate(samples):
             if "lookup_slots" in s:
                 batch["lookup_slots"][b, :len(s["lookup_slots"])] = s["lookup_slots"]
@@ -299,7 +302,7 @@ def _concatenate(row: list[dict]) -> dict:
         n = len(s["input_ids"])
         out["input_ids"].append(s["input_ids"])
         out["labels"].append(torch.cat([s["labels"].new_full((1,), IGNORE_INDEX), s["labels"][1:]]))
-        slots = s.get("lookup_slots", torch.full((n,), -1, dtype=torch.long))
+        slots = s.get("lookup_slots", torch.full((n, 2), -1, dtype=torch.long))
         out["lookup_slots"].append(torch.where(slots >= 0, slots + offset, slots))
         standins = torch.full((n, width), -1, dtype=torch.long)
         if "standin_ids" in s:

@@ -7,6 +7,8 @@ with the small hand-written table `PINYIN` (a word missing from it is a KeyError
 """
 import hashlib
 
+from dataset.media import uniform_indices
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Scene vocabulary
 # ---------------------------------------------------------------------------------------------------------------------
@@ -335,22 +337,61 @@ def scene_slots(sample: dict) -> list[list[str]] | None:
     return [cell_texts(lang, sc["objects"]) for sc in scenes]
 
 
+def frame_objects(meta: dict, max_frames: int | None = None) -> list[list[dict]]:
+    """The objects each frame of a ToyWorld clip shows (of the max_frames a reader samples: media.read_video); the
+    moving one sits in the cell its centre is in."""
+    if meta["kind"] == "move":
+        size, o = meta["width"], meta["object"]
+        frames = [meta["objects"] + [dict(o, cell=[min(2, int((box[1] + box[3]) / 2 * 3 // size)),
+                                                   min(2, int((box[0] + box[2]) / 2 * 3 // size))])]
+                  for box in meta["track"]]
+    else:
+        frames = [meta["objects"] + ([meta["object"]] if t >= meta["appear_frame"] else [])
+                  for t in range(meta["num_frames"])]
+    return [frames[t] for t in uniform_indices(len(frames), max_frames or len(frames))]
+
+
+def frame_slots(sample: dict, max_frames: int) -> list[list[str]] | None:
+    """Per frame a reader samples from a ToyWorld clip (at most max_frames), cell_texts of what it shows (a frame
+    reads like a scene); None for other samples."""
+    meta = sample.get("meta") or {}
+    if meta.get("kind") not in ("move", "appear") or len(sample.get("videos") or []) != 1:
+        return None
+    return [cell_texts(sample.get("lang", "en"), objs) for objs in frame_objects(meta, max_frames)]
+
+
+def _cell(o: dict) -> int:
+    return o["cell"][0] * 3 + o["cell"][1]
+
+
 def queried_cell(sample: dict) -> int | None:
     """The grid cell (row-major 0-8) of the one object a colour / shape / position question (also spoken, audio_qa)
-    asks about, from its meta.query; None for other questions. The image slot the answer must be read from: the
-    lookup loss (OmniModel.lookup_loss) points attention at it."""
+    asks about, from its meta.query; None for other questions."""
     meta = sample.get("meta") or {}
     kind = meta.get("question_type") if sample.get("task") == "audio_qa" else sample.get("task")
     if kind not in ("color", "shape", "position") or "scene" not in meta or not meta.get("query"):
         return None
     hits = [o for o in meta["scene"]["objects"] if all(o.get(k) == v for k, v in meta["query"].items())]
-    return hits[0]["cell"][0] * 3 + hits[0]["cell"][1] if len(hits) == 1 else None
+    return _cell(hits[0]) if len(hits) == 1 else None
 
 
-def queried_cells(sample: dict) -> list[int | None]:
-    """queried_cell of each assistant turn: the opening question's, then those of generated follow-up questions
-    (meta.follow_up_cells, see build_toyworld.follow_up_questions)."""
-    return [queried_cell(sample)] + list((sample.get("meta") or {}).get("follow_up_cells", []))
+Lookup = tuple[tuple[int, int], tuple[int, int]]  # (image or frame, cell) for the first and second half of the heads
+
+
+def queried_slots(sample: dict, max_frames: int) -> list[Lookup | None]:
+    """Per assistant turn, the slots its answer must be read from, as (image or frame, cell; frame -1 = the last)
+    for each half of the heads the lookup loss steers (OmniModel.lookup_loss), None where there is none. A scene
+    question: the cell of the object asked about, for both (also the generated follow-ups, meta.follow_up_cells).
+    A clip (at most max_frames sampled): where the mover is in the first frame and in the last (its direction is the
+    step between them); what appeared, in the last."""
+    meta = sample.get("meta") or {}
+    if frame_slots(sample, max_frames):
+        if meta["kind"] == "move":
+            moving = [objs[-1] for objs in frame_objects(meta, max_frames)]
+            return [((0, _cell(moving[0])), (-1, _cell(moving[-1])))]
+        return [((-1, _cell(meta["object"])),) * 2]
+    cells = [queried_cell(sample)] + list(meta.get("follow_up_cells", []))
+    return [None if c is None else ((0, c), (0, c)) for c in cells]
 
 
 def describe_media(sample: dict) -> dict[str, list[str]] | None:

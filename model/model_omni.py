@@ -69,7 +69,8 @@ class OmniConfig:
                                     num_attention_heads=4, image_size=112, patch_size=14),
                 audio=AudioConfig(num_mel_bins=80, d_model=128, encoder_layers=3, encoder_attention_heads=4,
                                   encoder_ffn_dim=512, max_source_positions=1500),
-                query_num=16, resampler_heads=8, scale_resolution=112, max_slice_nums=4, video_max_frames=8,
+                query_num=16, resampler_heads=8, scale_resolution=112, max_slice_nums=4,
+                video_max_frames=4, video_group_size=1,  # each of 4 frames its own slots, read like a scene
                 audio_pool_step=2)  # 25 tokens/s: enough rows to spell a transcript (see warmup_heads.ListenWarmup)
         if name == "qwen3_0_6b":  # Qwen3-0.6B + SigLIP2-so400m-patch14-384 + Whisper-medium encoder
             return OmniConfig(
@@ -400,13 +401,15 @@ class OmniModel(nn.Module):
         return sum((p.sum() * 0.0 for p in params), torch.zeros(()))
 
     def standin_loss(self, input_ids: torch.Tensor, embeds: torch.Tensor, media: MediaInputs) -> torch.Tensor | None:
-        """Squared distance between the image embeddings and their word stand-ins, relative to the stand-ins' size,
-        over the image rows that have both (None if none): makes the resampler's slots read like the cell
+        """Squared distance between the image (and video frame) embeddings and their word stand-ins, relative to the
+        stand-ins' size, over the rows that have both (None if none): makes the resampler's slots read like the cell
         descriptions the LLM learned to answer from. The stand-ins are targets only (detached)."""
-        if media.standin_ids is None or media.pixel_values is None:
+        pads = [pad for pad, data in ((self.config.image_pad_id, media.pixel_values),
+                                      (self.config.video_pad_id, media.video_pixel_values)) if data is not None]
+        if media.standin_ids is None or not pads:
             return None
         standins, described = self.embed_standins(media.standin_ids)
-        rows = described & (input_ids == self.config.image_pad_id)                   # [B, T]
+        rows = described & torch.isin(input_ids, torch.tensor(pads, device=input_ids.device))   # [B, T]
         if not rows.any():
             return None
         return relative_error(embeds[rows], standins[rows])
@@ -434,7 +437,7 @@ class OmniModel(nn.Module):
         lookup targets (lookup_slots: see lookup_loss), the lookup loss, times lookup_weight."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)
-        looks = bool(self.lookup_weight) and lookup_slots is not None and bool((lookup_slots >= 0).any())
+        looks = bool(self.lookup_weight) and lookup_slots is not None and bool((lookup_slots >= 0).all(-1).any())
         llm_out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_at="none",
                            watch_layer=self.lookup_layer if looks else None)
         hidden = llm_out.hidden_states
@@ -479,13 +482,18 @@ class OmniModel(nn.Module):
 
     def lookup_loss(self, attentions: torch.Tensor, lookup_slots: torch.Tensor) -> torch.Tensor:
         """-log of the attention that the heads sharing the first key/value head give, at the position that
-        predicts a scene answer, to the image slot of the object asked about (lookup_slots Long[B, T], -1 = none;
-        attentions [B, nh, T, T] of lookup_layer). The tiny recipe's stand-in for an LLM that arrives able to look
-        things up: a 4-layer LLM from scratch learns content lookup only after a long plateau (docs/experiments.md),
-        with this hint it is a direct target. Like the talker's guided attention, a training loss only."""
-        rows, cols = torch.nonzero(lookup_slots >= 0, as_tuple=True)            # supervised (sample, position)
+        predicts an answer, to the slot it must be read from (lookup_slots Long[B, T, 2], -1 = none: the target of
+        the first half of those heads, then of the second half; a scene question names one slot for both, a clip
+        the mover's slot in its first and in its last frame; attentions [B, nh, T, T] of lookup_layer). The tiny
+        recipe's stand-in for an LLM that arrives able to look things up: a 4-layer LLM from scratch learns content
+        lookup only after a long plateau (docs/experiments.md), with this hint it is a direct target. Like the
+        talker's guided attention, a training loss only."""
+        rows, cols = torch.nonzero((lookup_slots >= 0).all(-1), as_tuple=True)  # supervised (sample, position)
         heads = self.config.llm.num_attention_heads // self.config.llm.num_key_value_heads
-        weight = attentions[rows, :heads, cols, lookup_slots[rows, cols]]       # [N, heads]
+        half = torch.arange(heads, device=lookup_slots.device) * 2 // heads    # [heads]: 0 = first half, 1 = second
+        targets = lookup_slots[rows, cols][:, half]                             # [N, heads]
+        head = torch.arange(heads, device=lookup_slots.device)
+        weight = attentions[rows[:, None], head, cols[:, None], targets]        # [N, heads]
         return -(weight.float() + 1e-6).log().mean()
 
     def speech_loss(self, input_ids, hidden, speech_codes, speech_lens, speech_voices, speech_text_mask):

@@ -12,7 +12,8 @@ from dataset.chat import (IGNORE_INDEX, SampleError, build_prompt, char_token_id
                           slot_standin_ids, spelled_path, spelled_standin_ids, standin_ids, tokenize_conversation)
 from dataset.omni_dataset import collate, left_pad
 from dataset.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
-from model.model_omni import AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, OmniConfig
+from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_PAD,
+                              VIDEO_END, VIDEO_START, OmniConfig)
 
 SAMPLES = [
     {"conversations": [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
@@ -191,25 +192,58 @@ def test_spelled_standins_spell_each_transcript_over_its_audio_pads(tok):
     assert standin_ids(ids, tok, None, []) is None
 
 
+def test_a_clip_stands_in_frame_by_frame(tok):
+    """With frames, each block of video pads stands for its frame's cells like an image's slots, spare rows for the
+    image pad (the resampler writes the same spare slots for both); image and video stand-ins keep their rows."""
+    sample = {"conversations": [{"role": "user", "content": "<image><video>\nSame?"},
+                                {"role": "assistant", "content": "No."}]}
+    clip = "\n".join([VIDEO_START + VIDEO_PAD * 3 + VIDEO_END] * 2)
+    ids, _ = tokenize_conversation(sample, tok, {"image": [IMAGE_START + IMAGE_PAD * 3 + IMAGE_END], "video": [clip]})
+    out = standin_ids(ids, tok, [["top red"]], [], [["top", "left blue"], ["top blue"]])
+    words = {int(r): tok.decode([i for i in out[r].tolist() if i >= 0]).strip()
+             for r in torch.nonzero((out >= 0).any(-1)).flatten()}
+    video_rows = torch.nonzero(ids == tok.convert_tokens_to_ids(VIDEO_PAD)).flatten().tolist()
+    image_rows = torch.nonzero(ids == tok.convert_tokens_to_ids(IMAGE_PAD)).flatten().tolist()
+    assert [words[r] for r in video_rows] == ["top", "left blue", IMAGE_PAD, "top blue", IMAGE_PAD, IMAGE_PAD]
+    assert [words[r] for r in image_rows] == ["top red", IMAGE_PAD, IMAGE_PAD]
+    assert standin_ids(ids, tok, None, [], [["top"]] * 4) is None                 # 6 video pads, 4 frames
+
+
 def test_lookup_targets_sit_before_each_answer(tok):
-    """Per answer, the position that predicts its first token points at the image pad of its cell (None = that
-    turn has no target); two images, or too few pads for the 9 cells, give no targets."""
+    """Per answer, the position that predicts its first token points both halves of the steered heads at the image
+    pad of its cell (None = that turn has no target); two images, or too few pads for the 9 cells, give no targets."""
     turns = [("<image>\nWhat colour is the circle?", "Red."), ("How many?", "2."), ("Where is it?", "Top.")]
     sample = {"conversations": [{"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]}
     block = IMAGE_START + IMAGE_PAD * 12 + IMAGE_END
     ids, labels = tokenize_conversation(sample, tok, {"image": [block]})
-    out = lookup_targets(ids, labels, tok, [4, None, 8])
+    lookups = [((0, 4), (0, 4)), None, ((0, 8), (0, 8))]
+    out = lookup_targets(ids, labels, tok, lookups)                                # [T, 2]
     pads = torch.nonzero(ids == tok.convert_tokens_to_ids(IMAGE_PAD)).flatten()
-    at = torch.nonzero(out >= 0).flatten()
+    at = torch.nonzero((out >= 0).all(-1)).flatten()
     assert [tok.decode(ids[t + 1:])[:3] for t in at] == ["Red", "Top"]
     assert all(labels[t] == IGNORE_INDEX and labels[t + 1] == ids[t + 1] for t in at)
-    assert out[at].tolist() == [pads[4], pads[8]]
+    assert out[at].tolist() == [[pads[4]] * 2, [pads[8]] * 2] and (out >= 0).sum() == 4
     few, few_labels = tokenize_conversation(sample, tok, {"image": [IMAGE_START + IMAGE_PAD * 8 + IMAGE_END]})
-    assert (lookup_targets(few, few_labels, tok, [4, None, 8]) == -1).all()
+    assert (lookup_targets(few, few_labels, tok, lookups) == -1).all()
     two = dict(sample, conversations=[dict(sample["conversations"][0], content="<image><image>\nSame?"),
                                       *sample["conversations"][1:]])
     ids2, labels2 = tokenize_conversation(two, tok, {"image": [block, block]})
-    assert (lookup_targets(ids2, labels2, tok, [4, None, 8]) == -1).all()
+    assert (lookup_targets(ids2, labels2, tok, lookups) == -1).all()
+
+
+def test_lookup_targets_of_a_clip_name_a_frame_each(tok):
+    """A clip read frame by frame (one block of pads per frame): (frame, cell) picks the cell's pad in that frame's
+    block, frame -1 the last one; a frame past the clip gives no target."""
+    sample = {"conversations": [{"role": "user", "content": "<video>\nWhich way?"},
+                                {"role": "assistant", "content": "Left."}]}
+    blocks = "\n".join([VIDEO_START + VIDEO_PAD * 10 + VIDEO_END] * 3)
+    ids, labels = tokenize_conversation(sample, tok, {"video": [blocks]})
+    pads = torch.nonzero(ids == tok.convert_tokens_to_ids(VIDEO_PAD)).flatten()      # 3 frames x 10
+    out = lookup_targets(ids, labels, tok, [((0, 5), (-1, 3))])
+    at = torch.nonzero((out >= 0).all(-1)).flatten()
+    assert len(at) == 1 and tok.decode(ids[at[0] + 1:])[:4] == "Left"
+    assert out[at[0]].tolist() == [pads[5], pads[2 * 10 + 3]]
+    assert (lookup_targets(ids, labels, tok, [((0, 5), (3, 3))]) == -1).all()
 
 
 @pytest.mark.skipif(qwen3_tokenizer_dir() is None,

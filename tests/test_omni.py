@@ -277,15 +277,15 @@ def test_loss_ignores_minus_100_labels():
 def test_lookup_loss_is_the_cross_entropy_of_the_watched_heads():
     """watch_layer returns the weights its layer attends with (the input of that layer, captured by a hook, through
     Attention.probabilities); lookup_loss = mean over the targeted positions and over the heads sharing the first
-    key/value head of -log weight on the target slot (hand-computed), added times lookup_weight."""
+    key/value head of -log weight on the target slot of its half (hand-computed), added times lookup_weight."""
     torch.manual_seed(0)
     cfg = tiny_config()
     model = OmniModel(cfg).eval()
     batch = make_batch(cfg, with_audio=False)
     labels = batch["input_ids"].clone()
     T = labels.shape[1]
-    lookups = torch.full((1, T), -1)
-    lookups[0, T - 2], lookups[0, T - 1] = 3, 5
+    lookups = torch.full((1, T, 2), -1)
+    lookups[0, T - 2], lookups[0, T - 1] = torch.tensor([3, 3]), torch.tensor([5, 6])  # a scene's, a clip's
     seen = {}
     layer = model.llm.model.layers[model.lookup_layer]
     layer.input_layernorm.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
@@ -295,7 +295,8 @@ def test_lookup_loss_is_the_cross_entropy_of_the_watched_heads():
     w = layer.self_attn.probabilities(seen["x"], cos, sin)                       # [1, nh, T, T]
     assert torch.equal(out.attentions, w)
     heads = cfg.llm.num_attention_heads // cfg.llm.num_key_value_heads
-    by_hand = -torch.cat([w[0, :heads, T - 2, 3], w[0, :heads, T - 1, 5]]).log().mean()
+    assert heads == 2                                    # one head per half: the first reads 5, the second 6
+    by_hand = -torch.stack([w[0, 0, T - 2, 3], w[0, 1, T - 2, 3], w[0, 0, T - 1, 5], w[0, 1, T - 1, 6]]).log().mean()
     assert torch.allclose(model.lookup_loss(w, lookups), by_hand, atol=1e-5)
     model.lookup_weight = 0.5
     both = model(**batch, labels=labels, lookup_slots=lookups)

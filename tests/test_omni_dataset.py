@@ -53,6 +53,7 @@ def world(tmp_path_factory):
     train_tokenizer([str(good)], str(root / "tok"), vocab_size=400)
     tok = load_tokenizer(str(root / "tok"))
     cfg = OmniConfig.preset("tiny").set_token_ids(tok)
+    cfg.video_group_size, cfg.video_max_frames = 6, 8  # the original's 3-D grouping (tiny reads frames alone)
     return root, tok, cfg
 
 

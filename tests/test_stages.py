@@ -25,7 +25,7 @@ from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, pack_rows
 from model.model_omni import OmniConfig, OmniModel
 from model.warmup_heads import SlotWarmup
 from dataset.tokenizer import load_tokenizer
-from dataset.toyworld_text import cell_texts
+from dataset.toyworld_text import cell_texts, frame_slots
 from stage_utils import (SlotWarmupData, TextDataset, build_model, collate_slots, omni_data, set_trainable,
                          warmup_data)
 
@@ -86,6 +86,9 @@ def test_each_stage_trains_only_its_components(chain):
         prev = stage
 
 
+TINY = OmniConfig.preset("tiny")  # what the datasets read of it: query_num 16, each of a clip's 4 frames its own slots
+
+
 def slot_words(tokenizer, standin_ids: torch.Tensor) -> list[str]:
     """[T, W] stand-in ids -> the words of every row that has any ('top left red circle large', ...)."""
     return [tokenizer.decode([i for i in row.tolist() if i >= 0]).strip() for row in standin_ids
@@ -97,8 +100,9 @@ def test_text_warmup_reads_media_as_their_ground_truth(world):
     words, speech by audio pads spelling its transcript, the other media by text between their start/end tokens;
     answers stay the only trained tokens. Checked against the jsonl's own ground truth for every family."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
-    dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, query_num=16)
-    audio_pad, image_pad = (tokenizer.convert_tokens_to_ids(t) for t in ("<|audio_pad|>", "<|image_pad|>"))
+    dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY)
+    audio_pad, image_pad, video_pad = (tokenizer.convert_tokens_to_ids(t)
+                                       for t in ("<|audio_pad|>", "<|image_pad|>", "<|video_pad|>"))
     seen = set()
     for (sample, *_), i in zip(dataset.samples, range(len(dataset))):
         item = dataset[i]
@@ -112,8 +116,13 @@ def test_text_warmup_reads_media_as_their_ground_truth(world):
             assert tokenizer.decode(sum(runs, [])) == meta["transcript"].lower()
         if task == "ocr":
             assert f"<image>{meta['text']}</image>" in text
-        elif task == "video":
-            assert "<video>" in text and meta["object"]["shape"] in text.split("</video>")[0]
+        elif task == "video":  # at most 4 frames, each 16 slots: its cells' words, then spare (the image pad)
+            frames = frame_slots(sample, 4)
+            words = slot_words(tokenizer, item["standin_ids"][item["input_ids"] == video_pad])
+            assert text.count("<video>" + "<|video_pad|>" * 16 + "</video>") == len(frames)
+            assert len(frames) == min(4, meta["num_frames"])
+            assert [words[16 * k:16 * k + 9] for k in range(len(frames))] == frames
+            assert words[9:16] == ["<|image_pad|>"] * 7
         elif task != "asr":  # scenes: 16 slots per image, the first 9 its cells' words, the rest the pad itself
             scenes = meta.get("scenes") or [meta["scene"]]
             assert text.count("<image>" + "<|image_pad|>" * 16 + "</image>") == len(scenes)
@@ -134,13 +143,13 @@ def test_text_warmup_adds_generated_scene_questions(world):
     """--scene_questions N: N more samples, the four scene families in turn, drawn again identically from a seed,
     each scene as its cells' words; a count answer is the scene's own count of what was asked."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
-    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, 16))
-    extra = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=8, seed=3).samples[base:]
+    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, TINY))
+    extra = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, scene_questions=8, seed=3).samples[base:]
     assert [s["task"] for s, *_ in extra] == ["color", "shape", "count", "position"] * 2
-    again = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=8, seed=3).samples[base:]
+    again = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, scene_questions=8, seed=3).samples[base:]
     assert [s["conversations"] for s, *_ in again] == [s["conversations"] for s, *_ in extra]
-    for sample, _, slots, _ in extra:
-        assert slots == [cell_texts("en", sample["meta"]["scene"]["objects"])]
+    for sample, standins in extra:
+        assert standins.slots == [cell_texts("en", sample["meta"]["scene"]["objects"])]
         if sample["task"] == "count":  # the answer counts the objects that match what was asked
             query, objs = sample["meta"]["query"], sample["meta"]["scene"]["objects"]
             n = sum(all(o[k] == v for k, v in query.items()) for o in objs)
@@ -152,18 +161,39 @@ def test_text_warmup_adds_generated_transcriptions(world):
     again identically from a seed, each clip its transcript spelled over spelled_length pads; the answer is the
     transcript."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
-    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, 16))
-    data = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, transcriptions=6, seed=3)
+    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, TINY))
+    data = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, transcriptions=6, seed=3)
     extra = data.samples[base:]
-    again = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, transcriptions=6, seed=3).samples[base:]
+    again = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, transcriptions=6, seed=3).samples[base:]
     assert len(extra) == 6 and [s["conversations"] for s, *_ in again] == [s["conversations"] for s, *_ in extra]
     audio_pad = tokenizer.convert_tokens_to_ids("<|audio_pad|>")
-    for k, (sample, _, _, spelled) in enumerate(extra):
+    for k, (sample, standins) in enumerate(extra):
         transcript = sample["meta"]["transcript"]
-        assert sample["task"] == "asr" and not sample["meta"]["unseen"] and spelled == [transcript]
+        assert sample["task"] == "asr" and not sample["meta"]["unseen"] and standins.spelled == [transcript]
         item = data[base + k]
         assert int((item["input_ids"] == audio_pad).sum()) == spelled_length(transcript)
         assert tokenizer.decode(item["labels"][item["labels"] >= 0]) == transcript + "<|im_end|>"
+
+
+def test_text_warmup_adds_generated_clips(world):
+    """--clips N: N more video questions from ToyWorld's own generator (moves and appearances in turn), drawn again
+    identically from a seed, each clip frame by frame; the answer's lookup points the first half of the steered
+    heads at the mover in the first frame and the second half at it in the last (both at what appeared)."""
+    tokenizer = load_tokenizer(str(world / "tokenizer"))
+    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, TINY))
+    data = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, clips=4, seed=3)
+    extra = data.samples[base:]
+    again = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, clips=4, seed=3).samples[base:]
+    assert [s["meta"]["kind"] for s, _ in extra] == ["move", "appear"] * 2
+    assert [s["conversations"] for s, _ in again] == [s["conversations"] for s, _ in extra]
+    for k, (sample, standins) in enumerate(extra):
+        item, o = data[base + k], sample["meta"]["object"]
+        assert standins.frames == frame_slots(sample, 4) and standins.slots is None
+        at = torch.nonzero((item["lookup_slots"] >= 0).all(-1)).flatten()
+        assert len(at) == 1 and item["labels"][at[0] + 1] >= 0                  # before the answer's first token
+        first, last = (slot_words(tokenizer, item["standin_ids"][[r]])[0] for r in item["lookup_slots"][at[0]])
+        assert f"{o['color']} {o['shape']}" in first and f"{o['color']} {o['shape']}" in last
+        assert (first != last) == (sample["meta"]["kind"] == "move")             # the mover changed cells
 
 
 def test_text_warmup_scene_conversations_have_the_asked_number_of_turns(world):
@@ -171,13 +201,13 @@ def test_text_warmup_scene_conversations_have_the_asked_number_of_turns(world):
     sample generator's own (the first scene's is the same as with K = 1; later ones differ, the follow-ups draw from
     the same random stream), every answer trained."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
-    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, 16))
-    one = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=4, seed=3).samples[base:]
-    three = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=4, seed=3,
+    base = len(TextDataset([str(world / "sft.jsonl")], tokenizer, TINY))
+    one = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, scene_questions=4, seed=3).samples[base:]
+    three = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, scene_questions=4, seed=3,
                         questions_per_scene=3).samples[base:]
     assert [len(s["conversations"]) for s, *_ in three] == [6] * 4
     assert three[0][0]["conversations"][:2] == one[0][0]["conversations"]
-    dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=4, seed=3, questions_per_scene=3)
+    dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, scene_questions=4, seed=3, questions_per_scene=3)
     item = dataset[base]
     trained = tokenizer.decode([t for t in item["labels"] if t != -100])
     assert trained == "".join(a["content"] + "<|im_end|>" for a in three[0][0]["conversations"][1::2])
@@ -185,19 +215,25 @@ def test_text_warmup_scene_conversations_have_the_asked_number_of_turns(world):
 
 def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
     model, processor = eval_omni.load(str(chain / "sft"), None, "cpu")
-    items = list(eval_omni.bench_prompts(str(world / "test.jsonl"), None, None, standins=True, query_num=16))
+    items = list(eval_omni.bench_prompts(str(world / "test.jsonl"), None, None, standins=True, config=model.config))
     for sample, prompt, _, media in items:
         assert not any(media[k] for k in ("images", "audios", "videos"))
-        one = processor.sample(prompt, media_as_text=media["as_text"], standin_slots=media["slots"],
-                               standin_spelled=media["spelled"])
+        standins = media["standins"]
+        one = processor.sample(prompt, **eval_omni.standin_inputs(standins))
         text = processor.tokenizer.decode(one["input_ids"])
-        assert "<|video_pad|>" not in text
         image_rows = one["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        if media["slots"]:  # scenes: every image pad is a slot standing for its cell's words (or the pad itself)
-            assert text.count("<|image_pad|>") == 16 * len(media["slots"])
-            assert slot_words(processor.tokenizer, one["standin_ids"][image_rows])[:9] == media["slots"][0]
+        video_rows = one["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        if standins.slots:  # scenes: every image pad is a slot standing for its cell's words (or the pad itself)
+            assert text.count("<|image_pad|>") == 16 * len(standins.slots)
+            assert slot_words(processor.tokenizer, one["standin_ids"][image_rows])[:9] == standins.slots[0]
         else:
             assert "<|image_pad|>" not in text
+        if standins.frames:  # clips: each frame's pads stand for its cells
+            assert text.count("<|video_pad|>") == 16 * len(standins.frames)
+            words = slot_words(processor.tokenizer, one["standin_ids"][video_rows])
+            assert [words[16 * k:16 * k + 9] for k in range(len(standins.frames))] == standins.frames
+        else:
+            assert "<|video_pad|>" not in text
         if sample.get("audios"):  # speech: its transcript spelled over the audio pads
             assert media["spelled"] == [sample["meta"]["transcript"]]
             assert text.count("<|audio_pad|>") == spelled_length(sample["meta"]["transcript"])
@@ -228,7 +264,8 @@ def test_bench_lets_the_longest_answer_finish(chain, world, monkeypatch):
 
 def test_slot_warmup_targets_are_aligns_stand_ins(chain, world):
     """The slots stage fits each scene image's slots to exactly the words `align` (OmniDataset) puts behind that
-    image's pads: the same cell texts in the same slot order, and the pad itself in the spare slots."""
+    image's pads: the same cell texts in the same slot order, and the pad itself in the spare slots; so for each
+    frame of a clip and its block of video pads."""
     model, tokenizer = OmniModel.from_pretrained(str(chain / "text")), load_tokenizer(str(chain / "text"))
     slots = SlotWarmupData([str(world / "pretrain.jsonl")], tokenizer, model.config)
     aligned = OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024, standins=True)
@@ -237,7 +274,7 @@ def test_slot_warmup_targets_are_aligns_stand_ins(chain, world):
         if sample["task"] != "caption":
             continue
         path = str(world / sample["images"][0])
-        item = next(slots[j] for j, (p, _) in enumerate(slots.items) if p == path)
+        item = next(slots[j][0] for j, (p, _, _) in enumerate(slots.items) if p == path)
         pads = aligned[k]
         rows = pads["input_ids"] == model.config.image_pad_id
         want = pads["standin_ids"][rows]                                         # [Q, W]
@@ -246,6 +283,21 @@ def test_slot_warmup_targets_are_aligns_stand_ins(chain, world):
         assert slot_words(tokenizer, got)[:9] == cell_texts(sample["lang"], sample["meta"]["scene"]["objects"])
         checked += 1
     assert checked >= 2
+    clips = SlotWarmupData([str(world / "sft.jsonl")], tokenizer, model.config)
+    aligned = OmniDataset(str(world / "sft.jsonl"), tokenizer, model.config, 1024, standins=True)
+    for k, (_, sample) in enumerate(aligned.records):
+        if sample["task"] == "video":  # a clip: one item per frame, the frame's block of align's video pads
+            frames = next(clips[j] for j, (p, _, _) in enumerate(clips.items) if p == str(world / sample["videos"][0]))
+            pads = aligned[k]
+            want = pads["standin_ids"][pads["input_ids"] == model.config.video_pad_id]     # [frames * Q, W]
+            assert len(frames) * 16 == len(want) and len(frames) == len(pads["video_pixel_values"])
+            for t, frame in enumerate(frames):  # the same words in the same rows
+                block, got = want[16 * t:16 * (t + 1)], frame["standin_ids"]
+                width = max(got.shape[1], block.shape[1])
+                assert torch.equal(torch.nn.functional.pad(got, (0, width - got.shape[1]), value=-1),
+                                   torch.nn.functional.pad(block, (0, width - block.shape[1]), value=-1))
+            checked += 1
+    assert checked >= 4
 
 
 def test_align_clips_carry_the_characters_listen_spelled_them_with(chain, world):
@@ -306,9 +358,9 @@ def test_lookup_loss_teaches_a_head_to_find_the_asked_slot(world):
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     model.config.set_token_ids(tokenizer)
     model.lookup_weight = 1.0
-    data = TextDataset([], tokenizer, 16, scene_questions=8, seed=1, questions_per_scene=4)
+    data = TextDataset([], tokenizer, TINY, scene_questions=8, seed=1, questions_per_scene=4)
     batch = collate([data[i] for i in range(8)], tokenizer.pad_token_id)
-    assert ((batch["lookup_slots"] >= 0).sum(1) >= 2).all()             # every conversation asks >= 2 lookups
+    assert ((batch["lookup_slots"] >= 0).all(-1).sum(1) >= 2).all()     # every conversation asks >= 2 lookups
     losses = adam_steps(lambda: model(**batch)["lookup_loss"], model.llm.parameters(), 30)
     assert losses[-1] < 0.5 * losses[0]
 
@@ -322,7 +374,7 @@ def test_packed_text_batch_gives_the_padded_batch_loss_and_gradients(world):
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     model.config.set_token_ids(tokenizer)
     model.lookup_weight = 1.0
-    data = TextDataset([str(world / "sft.jsonl")], tokenizer, 16, scene_questions=4, seed=1, questions_per_scene=4)
+    data = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY, scene_questions=4, seed=1, questions_per_scene=4)
     items = [data[i] for i in range(0, len(data), max(1, len(data) // 12))][:12] + [data[len(data) - 1]]
     padded, packed = collate(items, tokenizer.pad_token_id), pack_rows(items, tokenizer.pad_token_id)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]

@@ -95,14 +95,37 @@ def test_queried_cells_hold_the_answer(world):
     for s in read(world, "sft") + read(world, "test"):
         cell, kind = T.queried_cell(s), s["meta"].get("question_type", s["task"])
         if kind not in ("color", "shape", "position") or s["task"] not in ("color", "shape", "position", "audio_qa"):
-            assert cell is None and T.queried_cells(s) == [None]
+            assert cell is None and (T.queried_slots(s, 4) == [None] or s["task"] == "video")
             continue
         answer = s["conversations"][-1]["content"].rstrip(".").lower()
         words = T.cell_texts("en", s["meta"]["scene"]["objects"])[cell]
         where, what = " ".join(words.split()[:-3]), words.split()[-3:]   # 'top left', [colour, shape, size]
         assert where == answer if kind == "position" else answer in what
+        assert T.queried_slots(s, 4) == [((0, cell), (0, cell))]
         checked += 1
     assert checked >= 12
+
+
+def test_clip_frames_and_their_lookups(world):
+    """A clip reads frame by frame (frame_slots, of the frames media.read_video samples): the mover's cell steps the
+    way the answer says from the first frame to the last (where the lookup loss points), the object that appears
+    is missing from the first frame and in the last, where its lookup points."""
+    step = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+    clips = [s for s in read(world, "sft") + read(world, "test") if s["task"] == "video"]
+    for s in clips:
+        m, frames = s["meta"], T.frame_slots(s, 4)
+        assert len(frames) == min(4, m["num_frames"]) and all(len(f) == 9 for f in frames)
+        (first, a), (last, b) = T.queried_slots(s, 4)[0]
+        assert last == -1
+        if m["kind"] == "move":
+            obj = f"{m['object']['color']} {m['object']['shape']}"
+            assert obj in frames[0][a] and obj in frames[-1][b] and first == 0
+            dr, dc = b // 3 - a // 3, b % 3 - a % 3
+            assert (dr, dc) != (0, 0) and (dr and dr // abs(dr), dc and dc // abs(dc)) == step[m["direction"]]
+        else:
+            new = f"{m['object']['color']} {m['object']['shape']}"
+            assert a == b and new in frames[-1][b] and new not in " ".join(frames[0])
+    assert {s["meta"]["kind"] for s in clips} == {"move", "appear"}
 
 
 def test_think_pairs_share_question_and_answer(world):
