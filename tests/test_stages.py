@@ -191,7 +191,7 @@ def test_text_warmup_adds_generated_clips(world):
         assert standins.frames == frame_slots(sample, 4) and standins.slots is None
         at = torch.nonzero((item["lookup_slots"] >= 0).all(-1)).flatten()
         assert len(at) == 1 and item["labels"][at[0] + 1] >= 0                  # before the answer's first token
-        first, last = (slot_words(tokenizer, item["standin_ids"][[r]])[0] for r in item["lookup_slots"][at[0]])
+        first, last = (slot_words(tokenizer, item["standin_ids"][int(r)][None])[0] for r in item["lookup_slots"][at[0]])
         assert f"{o['color']} {o['shape']}" in first and f"{o['color']} {o['shape']}" in last
         assert (first != last) == (sample["meta"]["kind"] == "move")             # the mover changed cells
 
@@ -235,7 +235,7 @@ def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
         else:
             assert "<|video_pad|>" not in text
         if sample.get("audios"):  # speech: its transcript spelled over the audio pads
-            assert media["spelled"] == [sample["meta"]["transcript"]]
+            assert standins.spelled == [sample["meta"]["transcript"]]
             assert text.count("<|audio_pad|>") == spelled_length(sample["meta"]["transcript"])
             assert (one["standin_ids"][one["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
                 "<|audio_pad|>")] >= 0).any(-1).all()

@@ -108,10 +108,10 @@ def test_queried_cells_hold_the_answer(world):
 
 def test_clip_frames_and_their_lookups(world):
     """A clip reads frame by frame (frame_slots, of the frames media.read_video samples): the mover's cell steps the
-    way the answer says from the first frame to the last (where the lookup loss points), the object that appears
-    is missing from the first frame and in the last, where its lookup points."""
+    way the answer says from the first frame to the last (where the lookup loss points; in rare clips it stays in
+    one cell), the object that appears is missing from the first frame and in the last, where its lookup points."""
     step = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
-    clips = [s for s in read(world, "sft") + read(world, "test") if s["task"] == "video"]
+    clips, moved = [s for s in read(world, "sft") + read(world, "test") if s["task"] == "video"], 0
     for s in clips:
         m, frames = s["meta"], T.frame_slots(s, 4)
         assert len(frames) == min(4, m["num_frames"]) and all(len(f) == 9 for f in frames)
@@ -121,11 +121,12 @@ def test_clip_frames_and_their_lookups(world):
             obj = f"{m['object']['color']} {m['object']['shape']}"
             assert obj in frames[0][a] and obj in frames[-1][b] and first == 0
             dr, dc = b // 3 - a // 3, b % 3 - a % 3
-            assert (dr, dc) != (0, 0) and (dr and dr // abs(dr), dc and dc // abs(dc)) == step[m["direction"]]
+            assert (dr, dc) == (0, 0) or (dr and dr // abs(dr), dc and dc // abs(dc)) == step[m["direction"]]
+            moved += (dr, dc) != (0, 0)
         else:
             new = f"{m['object']['color']} {m['object']['shape']}"
             assert a == b and new in frames[-1][b] and new not in " ".join(frames[0])
-    assert {s["meta"]["kind"] for s in clips} == {"move", "appear"}
+    assert {s["meta"]["kind"] for s in clips} == {"move", "appear"} and moved
 
 
 def test_think_pairs_share_question_and_answer(world):
