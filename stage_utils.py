@@ -209,8 +209,8 @@ class TextDataset(Dataset):
     each medium replaced by a stand-in (standin_expansions: a scene by its cells' words, one vector per image
     slot; a clip frame by frame the same way; speech by its spelled transcript, ...), plus `scene_questions`
     generated scene questions (`questions_per_scene` turns each), `transcriptions` generated ASR samples and
-    `clips` generated video questions. So the LLM first learns to answer
-    from a DESCRIPTION in its context, and `align` then only has to make the media embeddings read like one.
+    `clips` generated video questions. So the LLM first learns to answer from a DESCRIPTION in its context, and
+    `align` then only has to make the media embeddings read like one.
     Samples without ToyWorld ground truth get their media markers removed; those left without a question are
     dropped."""
 
