@@ -163,7 +163,7 @@ def standin_expansions(sample: dict, config: OmniConfig) -> Standins | None:
         described["image"] = [IMAGE_PAD * q] * len(slots)
     else:
         slots = None
-    frames = frame_slots(sample, config.video_max_frames) if config.video_group_size == 1 else None
+    frames = frame_slots(sample, config.video_max_frames) if config.frames_read_alone else None
     spelled = described["audio"]
     described["audio"] = [AUDIO_PAD * spelled_length(text) for text in spelled]
     expansions = {kind: [STANDIN_WRAP[kind][0] + text + STANDIN_WRAP[kind][1] for text in texts]
@@ -355,7 +355,7 @@ class SlotWarmupData(Dataset):
         for root, s in jsonl_samples(paths):
             for path, texts in zip(s.get("images") or [], scene_slots(s) or []):
                 self.items.append((os.path.join(root, path), False, [texts]))
-            frames = frame_slots(s, config.video_max_frames) if config.video_group_size == 1 else None
+            frames = frame_slots(s, config.video_max_frames) if config.frames_read_alone else None
             if frames:
                 self.items.append((os.path.join(root, s["videos"][0]), True, frames))
 

@@ -162,7 +162,7 @@ class OmniDataset(Dataset):
         speech = self._speech(sample["conversations"][-1], input_ids, labels) if self.codec is not None else {}
         slots = scene_slots(sample) if self.standins else None
         max_frames = self.config.video_max_frames
-        frames = frame_slots(sample, max_frames) if self.standins and self.config.video_group_size == 1 else None
+        frames = frame_slots(sample, max_frames) if self.standins and self.config.frames_read_alone else None
         standin = standin_ids(input_ids, self.tokenizer, slots, None, frames) if slots or frames else None
         if standin is not None:  # slots in cell order: the lookup loss may point at the one a question asks about
             out["standin_ids"] = standin

@@ -351,13 +351,17 @@ def frame_objects(meta: dict, max_frames: int | None = None) -> list[list[dict]]
     return [frames[t] for t in uniform_indices(len(frames), max_frames or len(frames))]
 
 
+def _is_clip(sample: dict) -> bool:
+    """A ToyWorld video question: one clip whose meta records what each frame shows."""
+    return (sample.get("meta") or {}).get("kind") in ("move", "appear") and len(sample.get("videos") or []) == 1
+
+
 def frame_slots(sample: dict, max_frames: int) -> list[list[str]] | None:
     """Per frame a reader samples from a ToyWorld clip (at most max_frames), cell_texts of what it shows (a frame
     reads like a scene); None for other samples."""
-    meta = sample.get("meta") or {}
-    if meta.get("kind") not in ("move", "appear") or len(sample.get("videos") or []) != 1:
+    if not _is_clip(sample):
         return None
-    return [cell_texts(sample.get("lang", "en"), objs) for objs in frame_objects(meta, max_frames)]
+    return [cell_texts(sample.get("lang", "en"), objs) for objs in frame_objects(sample["meta"], max_frames)]
 
 
 def _cell(o: dict) -> int:
@@ -385,7 +389,7 @@ def queried_slots(sample: dict, max_frames: int) -> list[Lookup | None]:
     A clip (at most max_frames sampled): where the mover is in the first frame and in the last (its direction is the
     step between them); what appeared, in the last."""
     meta = sample.get("meta") or {}
-    if frame_slots(sample, max_frames):
+    if _is_clip(sample):
         if meta["kind"] == "move":
             moving = [objs[-1] for objs in frame_objects(meta, max_frames)]
             return [((0, _cell(moving[0])), (-1, _cell(moving[-1])))]

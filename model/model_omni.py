@@ -103,6 +103,12 @@ class OmniConfig:
             setattr(self, attr, idx)
         return self
 
+    @property
+    def frames_read_alone(self) -> bool:
+        """Each video frame has its own query_num slots (the tiny preset): a frame is resampled like a scene, so
+        ToyWorld clips get per-frame stand-ins (toyworld_text.frame_slots)."""
+        return self.video_group_size == 1
+
     def to_dict(self) -> dict:
         return asdict(self)
 
