@@ -85,13 +85,13 @@ def main(argv=None):
                          f"({', '.join(model.config.external_weights)}) start at --stage align")
     set_trainable(model, args.train.split(","))
     if args.stage in ("vision", "audio"):  # a throw-away head on the tower; only the tower moves on
-        data = warmup_data(args, args.stage, model.config)
+        data = warmup_data(args, args.stage, model)
         net = (VisionWarmup(model.vision_tower, model.config.scale_resolution) if args.stage == "vision"
                else AudioWarmup(model.audio_tower, len(data[0].chars)))
     elif args.stage == "slots":
-        net, data = SlotWarmup(model), warmup_data(args, args.stage, model.config, tokenizer)
+        net, data = SlotWarmup(model), warmup_data(args, args.stage, model, tokenizer)
     elif args.stage == "listen":  # the audio warm-up's clips and characters, now written by the projector
-        data = warmup_data(args, args.stage, model.config)
+        data = warmup_data(args, args.stage, model)
         model.config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in data[0].chars]
         net = ListenWarmup(model)
     elif args.stage == "text":

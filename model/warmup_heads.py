@@ -10,7 +10,7 @@ ToyWorld's ground truth, thrown away after the warm-up (only the tower's weights
   (A CTC head reading rendered text over patch columns was tried: it stayed at the character prior in the budget
   and slowed shape down; see docs/experiments.md.)
 - SlotWarmup: no head of its own: the resampler learns to write each scene cell's word stand-in into that cell's
-  slot, from the frozen warmed-up tower (the stand-in loss of `align` without the LLM: ~20x cheaper per step, and
+  slot, from the frozen warmed-up tower's output (computed once per image, before the first epoch) (the stand-in loss of `align` without the LLM: ~20x cheaper per step, and
   it needs thousands of scenes before the queries pick out their cells).
 - AudioWarmup: a CTC head over the encoder frames (50/s) predicting the transcript's characters, as Whisper's
   encoder was shaped by ASR.
@@ -20,6 +20,8 @@ ToyWorld's ground truth, thrown away after the warm-up (only the tower's weights
   well (held-out character accuracy 0.84) while many ToyWorld words are said in only one or two training clips:
   mapped straight to whole-word embeddings, held-out ASR stayed at 0.54.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,11 +76,13 @@ class SlotWarmup(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values, standin_ids) -> dict:
-        """pixel_values [N, 3, S, S] scenes, standin_ids Long[N, Q, W] the words each of their Q slots stands for."""
-        grid = pixel_values.shape[-1] // self.model.config.vision.patch_size
-        grid_hw = torch.tensor([[grid, grid]] * pixel_values.shape[0], device=pixel_values.device)
-        slots = self.model.embed_images(pixel_values, grid_hw)            # [N, Q, D]
+    def forward(self, patch_features, standin_ids) -> dict:
+        """patch_features [N, g*g, Dv] the frozen tower's output for N square scenes (stage_utils.SlotWarmupData runs
+        it once per image), standin_ids Long[N, Q, W] the words each of their Q slots stands for."""
+        n, length, _ = patch_features.shape
+        grid_hw = torch.tensor([[math.isqrt(length)] * 2] * n, device=patch_features.device)
+        mask = torch.ones(n, length, dtype=torch.bool, device=patch_features.device)
+        slots = self.model.resampler(patch_features, mask, grid_hw)       # [N, Q, D]
         standins, _ = self.model.embed_standins(standin_ids)              # [N, Q, D]
         loss = relative_error(slots, standins)
         return {"loss": loss, "standin_loss": loss.detach(), "num_tokens": torch.tensor(slots.shape[:2].numel())}
@@ -92,10 +96,11 @@ class ListenWarmup(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, audio_features, audio_feature_lens, text, text_lens) -> dict:
-        """audio_features [N, 80, T], text Long[N, L] (1-based spelling characters) -> the N clips' loss."""
-        states, mask = self.model.audio_tower(audio_features, audio_feature_lens)   # [N, T', Da]
-        tokens, n_tokens = self.model.audio_projector.pooled(states, mask)          # [N, T'', D], [N]
+    def forward(self, audio_states, audio_state_lens, text, text_lens) -> dict:
+        """audio_states [N, T', Da] the frozen tower's output frames (stage_utils.ListenWarmupData runs it once per
+        clip), audio_state_lens [N], text Long[N, L] (1-based spelling characters) -> the N clips' loss."""
+        mask = torch.arange(audio_states.shape[1], device=audio_states.device) < audio_state_lens[:, None]  # [N, T']
+        tokens, n_tokens = self.model.audio_projector.pooled(audio_states, mask)          # [N, T'', D], [N]
         loss = spelling_loss(tokens, n_tokens, self.model.spelling_codes(tokens.device), text, text_lens)
         return {"loss": loss, "num_tokens": n_tokens.sum()}
 

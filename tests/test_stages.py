@@ -23,11 +23,12 @@ from dataset.build_toyworld import build
 from dataset.chat import char_token_ids, spelled_length
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, pack_rows
 from model.model_omni import OmniConfig, OmniModel
-from model.warmup_heads import SlotWarmup
+from model.model_omni import relative_error
+from model.warmup_heads import ListenWarmup, SlotWarmup
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import cell_texts, frame_slots
-from stage_utils import (SlotWarmupData, TextDataset, build_model, collate_slots, omni_data, set_trainable,
-                         warmup_data)
+from stage_utils import (AudioWarmupData, SlotWarmupData, TextDataset, build_model, collate_audio, collate_slots,
+                         omni_data, set_trainable, warmup_data)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4", "--log_every", "1"]
@@ -267,7 +268,8 @@ def test_slot_warmup_targets_are_aligns_stand_ins(chain, world):
     image's pads: the same cell texts in the same slot order, and the pad itself in the spare slots; so for each
     frame of a clip and its block of video pads."""
     model, tokenizer = OmniModel.from_pretrained(str(chain / "text")), load_tokenizer(str(chain / "text"))
-    slots = SlotWarmupData([str(world / "pretrain.jsonl")], tokenizer, model.config)
+    set_trainable(model, ["resampler"])
+    slots = SlotWarmupData([str(world / "pretrain.jsonl")], tokenizer, model.config, model.vision_tower)
     aligned = OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024, standins=True)
     checked = 0
     for k, (_, sample) in enumerate(aligned.records):
@@ -283,7 +285,7 @@ def test_slot_warmup_targets_are_aligns_stand_ins(chain, world):
         assert slot_words(tokenizer, got)[:9] == cell_texts(sample["lang"], sample["meta"]["scene"]["objects"])
         checked += 1
     assert checked >= 2
-    clips = SlotWarmupData([str(world / "sft.jsonl")], tokenizer, model.config)
+    clips = SlotWarmupData([str(world / "sft.jsonl")], tokenizer, model.config, model.vision_tower)
     aligned = OmniDataset(str(world / "sft.jsonl"), tokenizer, model.config, 1024, standins=True)
     for k, (_, sample) in enumerate(aligned.records):
         if sample["task"] == "video":  # a clip: one item per frame, the frame's block of align's video pads
@@ -306,7 +308,8 @@ def test_align_clips_carry_the_characters_listen_spelled_them_with(chain, world)
     model, tokenizer = OmniModel.from_pretrained(str(chain / "listen")), load_tokenizer(str(chain / "listen"))
     spelling = model.config.spelling_ids
     paths = [str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]  # the chain's listen --data
-    listened = warmup_data(argparse.Namespace(data=paths, batch_size=4, seed=0), "listen", model.config)[0]
+    set_trainable(model, ["audio_projector"])
+    listened = warmup_data(argparse.Namespace(data=paths, batch_size=4, seed=0), "listen", model)[0]
     assert [char_token_ids(tokenizer, c)[0] for c in listened.chars] == spelling
     data = OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024, standins=True)
     asr = [k for k, (_, s) in enumerate(data.records) if s["task"] == "asr"]
@@ -342,12 +345,56 @@ def test_slot_warmup_fits_the_resampler_alone(world):
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     model.config.set_token_ids(tokenizer)
     set_trainable(model, ["resampler"])
-    data = SlotWarmupData([str(world / "pretrain.jsonl"), str(world / "sft.jsonl")], tokenizer, model.config)
+    data = SlotWarmupData([str(world / "pretrain.jsonl"), str(world / "sft.jsonl")], tokenizer, model.config,
+                          model.vision_tower)
     assert len(data) >= 8
     batch = collate_slots([data[i] for i in range(8)])
     net = SlotWarmup(model)
     losses = adam_steps(lambda: net(**batch)["loss"], model.resampler.parameters(), 40)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_slots_and_listen_run_each_item_through_the_frozen_tower_once(world):
+    """The slots and listen warm-ups train only what sits on a frozen tower, so their datasets run every image,
+    frame and clip through it once, up front, and serve its output: a batch of served outputs gives the loss
+    computed straight from the media (for clips also in a batch padded unlike the one they were encoded in); a
+    tower that trains is refused."""
+    torch.manual_seed(0)
+    model = OmniModel(OmniConfig.preset("tiny"))
+    tokenizer = load_tokenizer(str(world / "tokenizer"))
+    model.config.set_token_ids(tokenizer)
+    set_trainable(model, ["resampler", "audio_projector"])
+    args = argparse.Namespace(data=[str(world / "pretrain.jsonl"), str(world / "sft.jsonl")], batch_size=4, seed=0)
+    rows = []
+    for tower in (model.vision_tower, model.audio_tower):
+        tower.register_forward_hook(lambda _, inputs, __: rows.append(len(inputs[0])))
+    slots, collate_scenes, _ = warmup_data(args, "slots", model, tokenizer)
+    clips, collate_clips, _ = warmup_data(args, "listen", model)
+    model.config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in clips.chars]
+    assert sum(rows) == sum(len(slots[i]) for i in range(len(slots))) + len(clips)
+
+    rows.clear()
+    picked = [0, next(i for i, item in enumerate(slots.items) if item[1]), 1]   # a scene, a clip's 4 frames, a scene
+    batch = collate_scenes([slots[i] for i in picked])
+    loss = SlotWarmup(model)(**batch)["loss"]
+    pixels = torch.cat([slots._pixels(i) for i in picked])                      # [6, 3, S, S]
+    straight = relative_error(model.embed_images(pixels, torch.tensor([[8, 8]] * len(pixels))),
+                              model.embed_standins(batch["standin_ids"])[0])
+    assert len(pixels) == 6 and torch.allclose(loss, straight, atol=1e-5)
+
+    order = sorted(range(len(clips)), key=lambda i: len(clips[i]["states"]))
+    picked = [order[0], order[len(order) // 2], order[-1]]
+    served = rows.copy()
+    loss = ListenWarmup(model)(**collate_clips([clips[i] for i in picked]))["loss"]
+    assert served == rows == [len(pixels)]                                      # only the straight image path ran
+    mels = collate_audio([AudioWarmupData.__getitem__(clips, i) for i in picked])
+    states, mask = model.audio_tower(mels["audio_features"], mels["audio_feature_lens"])
+    straight = ListenWarmup(model)(states, mask.sum(1), mels["text"], mels["text_lens"])["loss"]
+    assert torch.allclose(loss, straight, atol=1e-5)
+
+    set_trainable(model, ["vision"])
+    with pytest.raises(ValueError, match="frozen"):
+        warmup_data(args, "slots", model, tokenizer)
 
 
 def test_lookup_loss_teaches_a_head_to_find_the_asked_slot(world):
