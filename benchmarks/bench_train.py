@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--data data/toyworld] [--steps 20] [--tokens 2048]
     python benchmarks/bench_train.py --text_packing [--data data/toyworld] [--steps 40]
+    python benchmarks/bench_train.py --frozen_towers [--data data/toyworld] [--steps 20]
 
 1. tiny: full SFT steps (every component trains, AdamW) on pre-collated ToyWorld SFT batches, so the number is
    the model's speed, not the data loader's: samples/s and tokens/s (prompt + answer + media tokens).
@@ -15,6 +16,9 @@
      + the largest transient of backward: one layer's activations recomputed without checkpointing.
    The frozen towers run without any tensor requiring grad, so autograd saves nothing for them.
 3. --text_packing: the text warm-up's batches padded vs packed (pack_rows), same batches, same LLM, ratio.
+4. --frozen_towers: the slots and listen warm-ups, whose datasets run the frozen tower once per item up front: a
+   step on the served tower output against the same step with the tower run on the decoded media first (as
+   every epoch did before), same batches, same model, ratio; plus the one-off encoding time.
 """
 import argparse
 import os
@@ -27,7 +31,9 @@ import torch
 from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
 from model.model_omni import OmniConfig, OmniModel, audio_token_count
-from stage_utils import TextDataset, set_trainable
+from dataset.chat import char_token_ids
+from model.warmup_heads import ListenWarmup, SlotWarmup
+from stage_utils import AudioWarmupData, TextDataset, collate_audio, set_trainable, warmup_data
 
 GB = 1024 ** 3
 
@@ -94,6 +100,53 @@ def text_packing(data: str, steps: int, scene_questions: int, questions_per_scen
         print(f"text warm-up, {name}: {real:.0%} of the computed tokens real, {speeds[name]:.1f} samples/s")
     print(f"packed / padded: {speeds['packed'] / speeds['padded']:.2f}x over {steps} steps "
           f"({len(dataset)} samples, {torch.get_num_threads()} threads)")
+
+
+def frozen_towers(data: str, steps: int, batch_size: int = 16):
+    """ms per step of the slots and listen warm-ups on the served tower output vs with the frozen tower in the step
+    (media decoded beforehand, not timed), and the time their datasets take to encode every item once."""
+    tokenizer = load_tokenizer(os.path.join(data, "tokenizer"))
+    config = OmniConfig.preset("tiny")
+    config.llm.vocab_size = -(-len(tokenizer) // 64) * 64
+    torch.manual_seed(0)
+    model = OmniModel(config.set_token_ids(tokenizer)).train()
+    set_trainable(model, ["resampler", "audio_projector"])
+    args = argparse.Namespace(data=[os.path.join(data, f) for f in ("pretrain.jsonl", "sft.jsonl")],
+                              batch_size=batch_size, seed=0)
+    for stage in ("slots", "listen"):
+        t0 = time.perf_counter()
+        dataset, collate_fn, batches_fn = warmup_data(args, stage, model, tokenizer)
+        encode_s = time.perf_counter() - t0
+        order = batches_fn(0)[:steps + 3]
+        served = [collate_fn([dataset[i] for i in idx]) for idx in order]
+        if stage == "slots":
+            net = SlotWarmup(model)
+            media = [torch.cat([dataset._pixels(i) for i in idx]) for idx in order]   # [N, 3, S, S]
+
+            def tower(pixels, batch):
+                grid_hw = torch.tensor([[pixels.shape[-1] // config.vision.patch_size] * 2] * len(pixels))
+                return {**batch, "patch_features": model.vision_tower(pixels, grid_hw)[0]}
+        else:
+            config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in dataset.chars]
+            net = ListenWarmup(model)
+            media = [collate_audio([AudioWarmupData.__getitem__(dataset, i) for i in idx]) for idx in order]
+
+            def tower(mels, batch):
+                states, mask = model.audio_tower(mels["audio_features"], mels["audio_feature_lens"])
+                return {**batch, "audio_states": states, "audio_state_lens": mask.sum(1)}
+        ms = {}
+        for name, step in (("served", lambda k: served[k]), ("tower", lambda k: tower(media[k], served[k]))):
+            opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+            for k in range(len(order)):
+                if k == 3:
+                    t0 = time.perf_counter()
+                net(**step(k))["loss"].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            ms[name] = (time.perf_counter() - t0) / steps * 1000
+        print(f"{stage} warm-up ({len(dataset)} items, batch {batch_size}): {ms['served']:.1f} ms/step served, "
+              f"{ms['tower']:.1f} ms/step with the tower in the step ({ms['tower'] / ms['served']:.2f}x); "
+              f"encoding every item once: {encode_s:.1f} s")
 
 
 def big_sample(config: OmniConfig, tokens: int, device) -> dict:
@@ -195,7 +248,11 @@ def main():
     p.add_argument("--questions_per_scene", type=int, default=6, help="--text_packing: the text stage's default")
     p.add_argument("--transcriptions", type=int, default=2000, help="--text_packing: the text stage's default")
     p.add_argument("--clips", type=int, default=600, help="--text_packing: the text stage's default")
+    p.add_argument("--frozen_towers", action="store_true",
+                   help="only time the slots / listen warm-ups' steps on served vs recomputed tower output")
     args = p.parse_args()
+    if args.frozen_towers:
+        return frozen_towers(args.data, args.steps)
     if args.text_packing:
         return text_packing(args.data, args.steps, args.scene_questions, args.questions_per_scene, args.transcriptions,
                             args.clips)

@@ -10,8 +10,9 @@ ToyWorld's ground truth, thrown away after the warm-up (only the tower's weights
   (A CTC head reading rendered text over patch columns was tried: it stayed at the character prior in the budget
   and slowed shape down; see docs/experiments.md.)
 - SlotWarmup: no head of its own: the resampler learns to write each scene cell's word stand-in into that cell's
-  slot, from the frozen warmed-up tower's output (computed once per image, before the first epoch) (the stand-in loss of `align` without the LLM: ~20x cheaper per step, and
-  it needs thousands of scenes before the queries pick out their cells).
+  slot, from the frozen warmed-up tower's output (the stand-in loss of `align` without the LLM: ~20x cheaper per
+  step, and it needs thousands of scenes before the queries pick out their cells). The tower runs once per image,
+  before the first epoch (stage_utils.SlotWarmupData); so does the audio tower for ListenWarmup.
 - AudioWarmup: a CTC head over the encoder frames (50/s) predicting the transcript's characters, as Whisper's
   encoder was shaped by ASR.
 - ListenWarmup: no head of its own either: the audio projector learns, by CTC on the frozen tower, to write each
