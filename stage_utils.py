@@ -342,7 +342,11 @@ def collate_audio(items: list[dict]) -> dict:
     for k, it in enumerate(items):
         mels[k, :, :it["mel"].shape[-1]] = it["mel"]
     return {"audio_features": mels, "audio_feature_lens": torch.tensor([it["mel"].shape[-1] for it in items]),
-            "text": torch.nn.utils.rnn.pad_sequence([it["text"] for it in items], batch_first=True),
+            **_transcripts(items)}
+
+
+def _transcripts(items: list[dict]) -> dict:
+    return {"text": torch.nn.utils.rnn.pad_sequence([it["text"] for it in items], batch_first=True),
             "text_lens": torch.tensor([len(it["text"]) for it in items])}
 
 
@@ -368,7 +372,7 @@ class ListenWarmupData(AudioWarmupData):
             batch = collate_audio([AudioWarmupData.__getitem__(self, i)
                                    for i in range(start, min(start + 32, len(self.items)))])
             states, mask = frozen(audio_tower, batch["audio_features"], batch["audio_feature_lens"])
-            self.states += [s[:n] for s, n in zip(states, mask.sum(1).tolist())]
+            self.states += [s[:n].clone() for s, n in zip(states, mask.sum(1).tolist())]
 
     def __getitem__(self, i):
         return {"states": self.states[i], "text": encode_chars(self.items[i][1], self.chars)}
@@ -376,9 +380,7 @@ class ListenWarmupData(AudioWarmupData):
 
 def collate_listen(items: list[dict]) -> dict:
     return {"audio_states": torch.nn.utils.rnn.pad_sequence([it["states"] for it in items], batch_first=True),
-            "audio_state_lens": torch.tensor([len(it["states"]) for it in items]),
-            "text": torch.nn.utils.rnn.pad_sequence([it["text"] for it in items], batch_first=True),
-            "text_lens": torch.tensor([len(it["text"]) for it in items])}
+            "audio_state_lens": torch.tensor([len(it["states"]) for it in items]), **_transcripts(items)}
 
 
 class SlotWarmupData(Dataset):

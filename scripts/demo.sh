@@ -14,6 +14,9 @@ OUT=${OUT:-out/demo}
 COMMON=(--swanlab_mode "${SWANLAB_MODE:-offline}" --resume auto --log_every 25)
 mkdir -p "$OUT/logs"
 TIMES=()
+# the yardstick for the stage times below: "2 CPU cores" differ by 2x from one machine to the next
+MACHINE=$(python benchmarks/machine_speed.py)
+echo "$MACHINE"
 
 run() {  # run NAME CMD...: log to $OUT/logs/NAME.log, print the last progress line and the time it took
   local name=$1 start=$SECONDS
@@ -73,6 +76,6 @@ fi
 echo
 echo "time per stage:"
 printf '  %s\n' "${TIMES[@]}"
-echo "total: $SECONDS s"
+echo "total: $SECONDS s on this $MACHINE"
 echo "checkpoint: $OUT/sft   (chat: python eval_omni.py --ckpt $OUT/sft --image img.png \"What is in the picture?\")"
 echo "results:    $OUT/results.json, per-sample predictions in $OUT/results.samples.jsonl"
