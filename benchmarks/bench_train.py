@@ -28,10 +28,10 @@ import time
 
 import torch
 
+from dataset.chat import char_token_ids
 from dataset.omni_dataset import OmniDataset, collate, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
 from model.model_omni import OmniConfig, OmniModel, audio_token_count
-from dataset.chat import char_token_ids
 from model.warmup_heads import ListenWarmup, SlotWarmup
 from stage_utils import AudioWarmupData, TextDataset, collate_audio, set_trainable, warmup_data
 
