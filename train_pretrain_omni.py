@@ -17,10 +17,12 @@ Stages (see the README for the why):
   its image slots, a clip frame by frame the same way, speech as its transcript spelled one character per audio
   row, ...), plus 3,000 generated scenes of 6 questions each, where the lookup loss (--lookup_weight) points
   middle-layer heads at the slot a question asks about, 2,000 generated transcriptions (spelling practice over the
-  whole ASR lexicon) and 600 generated clips: what a pretrained LLM arrives able to do. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
+  whole ASR lexicon) and 600 generated clips: what a pretrained LLM arrives able to do. With real Qwen3 / SigLIP2 /
+  Whisper folders these are skipped.
 - slots (tiny recipe too): the resampler alone learns to write each scene cell's stand-in into that cell's slot
-  (each frame of a clip too), from the frozen tower and without the LLM. The stand-ins are fixed word codes, so the text side (text stage)
-  and the image side (this stage) each learn to meet at them, and `align` starts from slots the LLM can read.
+  (each frame of a clip too), from the frozen tower (run once per image) and without the LLM. The stand-ins are
+  fixed word codes, so the text side (text stage) and the image side (this stage) each learn to meet at them, and
+  `align` starts from slots the LLM can read.
 - listen (tiny recipe too): the same for speech: the audio projector alone learns, by CTC on the frozen tower, to
   write each clip's transcript spelled, one character's word code per audio token where it is heard.
 - align: the original's first stage: encoders and LLM frozen, only the resampler and audio projector learn to
