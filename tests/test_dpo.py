@@ -271,3 +271,26 @@ def test_training_saves_only_the_policy_and_resume_is_exact(setup, tmp_path, mon
     resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     for k in final:
         assert torch.equal(final[k], resumed[k]), k
+
+
+def test_compare_results_pairs_samples_and_gives_the_paired_standard_error(tmp_path):
+    from benchmarks.compare_results import compare, load
+    before, after = [], []
+    for i, (b, a) in enumerate([(1, 1), (0, 1), (1, 0), (0, 1), (1, 1)]):  # 2 gained, 1 lost of 5
+        before.append({"id": f"s{i}", "task": "color", "score": b})
+        after.append({"id": f"s{i}", "task": "color", "score": a})
+    before.append({"id": "c", "task": "caption", "score": 0.0, "false_claims": ["x", "y"]})
+    after.append({"id": "c", "task": "caption", "score": 1.0, "false_claims": []})
+    for name, rows in (("b", before), ("a", after)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = {r["task"]: r for r in compare(load([str(tmp_path / "b.jsonl")]), load([str(tmp_path / "a.jsonl")]))}
+    diffs = [0, 1, -1, 1, 0]
+    mean = sum(diffs) / 5
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4 / 5)
+    assert (rows["color"]["before"], rows["color"]["after"]) == (0.6, 0.8)
+    assert rows["color"]["delta"] == pytest.approx(0.2) and rows["color"]["se"] == pytest.approx(se)
+    assert rows["false claims / caption"]["delta"] == -2 and rows["caption"]["delta"] == 1
+    after[0]["id"] = "other"  # the two sides must score the same samples
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after))
+    with pytest.raises(SystemExit, match="different samples"):
+        compare(load([str(tmp_path / "b.jsonl")]), load([str(tmp_path / "a.jsonl")]))
