@@ -9,7 +9,9 @@ chosen (c) or rejected (r) answer under the policy / the frozen reference, summe
 labelled assistant tokens, <|im_end|> included). The reference is the starting checkpoint (--init): it never
 trains, is never saved (a resumed run rebuilds it from --init) and computes its log-probs on the fly under no_grad.
 --sft_weight adds the usual next-token loss on the chosen answers. The default lr (5e-5) is for the tiny preset;
-RLAIF-V trains 7B+ models at 5e-7.
+RLAIF-V trains 7B+ models at 5e-7. The tiny demo (`DPO=1 bash scripts/demo.sh`) trains the vision side too, since
+most of its false claims are misreadings, with a weak preference term: --train vision,resampler,llm --beta 0.01
+--sft_weight 1 (the README's "DPO against hallucination" has the measured sweep).
 
 A pair's chosen and rejected answers share the prompt, so they go through the model as rows b and B + b of one
 batch of 2B rows, and the prompt's media (images, audio, video) is encoded once for both. The reference shares

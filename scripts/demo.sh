@@ -3,7 +3,7 @@
 # build ToyWorld, warm up each tower (and the resampler's slots), align, fine-tune, then score the held-out split.
 #   bash scripts/demo.sh                       # DATA=data/toyworld OUT=out/demo
 #   DATA=/tmp/tw OUT=/tmp/demo bash scripts/demo.sh
-#   DPO=1 bash scripts/demo.sh                 # + the RLAIF-V DPO stage (pairs from the SFT model, DPO, eval)
+#   DPO=1 bash scripts/demo.sh                 # + the RLAIF-V DPO stage (pairs, DPO, evals: ~30 min more)
 #   SPEAK=1 bash scripts/demo.sh               # + speech output: spoken-answer data, the talker, its measurement
 # Re-running continues where it stopped (every stage runs with --resume auto); rm -rf "$OUT" to start over.
 set -euo pipefail
@@ -51,15 +51,31 @@ run eval python eval_omni.py --ckpt "$OUT/sft" --bench "$DATA/test.jsonl" --out 
 
 echo
 sed -n '/^task/,/^captions/p' "$OUT/logs/eval.log"
-if [ "${DPO:-0}" = 1 ]; then  # RLAIF-V: the SFT model's own answers, ranked by the claim judge, then DPO
-  # every held-in caption (pretrain + SFT splits) and position question; count pairs cost counting (README)
+if [ "${DPO:-0}" = 1 ]; then  # RLAIF-V: the SFT model's own captions of fresh scenes, ranked by the claim judge, then DPO
+  HELDOUT=${DATA}_seed7 FRESH=${DATA}_seed11  # new scenes: 1,692 held-out captions to score; prompts for the pairs
+  [ -f "$HELDOUT/captions_heldout.jsonl" ] || run heldout python benchmarks/heldout_captions.py --avoid "$DATA" \
+    --seed 7 --out "$HELDOUT"
+  [ -f "$FRESH/captions_fresh.jsonl" ] || run fresh python benchmarks/heldout_captions.py \
+    --avoid "$HELDOUT/captions_heldout.jsonl" --seed 11 --splits pretrain,sft --out "$FRESH" --name captions_fresh.jsonl
   [ -f "$OUT/dpo_pairs.jsonl" ] || run pairs python dataset/build_preferences.py --ckpt "$OUT/sft" \
-    --data "$DATA/sft.jsonl" "$DATA/pretrain.jsonl" --tasks caption,position --out "$OUT/dpo_pairs.jsonl"
-  run dpo python train_dpo_omni.py --init "$OUT/sft" --data "$OUT/dpo_pairs.jsonl" --sft_weight 1 --out "$OUT/dpo" \
-    "${COMMON[@]}"
-  run eval_dpo python eval_omni.py --ckpt "$OUT/dpo" --bench "$DATA/test.jsonl" --out "$OUT/results_dpo.json"
-  echo "after DPO:"
-  sed -n '/^task/,/^captions/p' "$OUT/logs/eval_dpo.log"
+    --data "$FRESH/captions_fresh.jsonl" --tasks caption --out "$OUT/dpo_pairs.jsonl"
+  # misreadings are most false claims: the vision side trains too; beta 0.01 (README, "DPO against hallucination")
+  run dpo python train_dpo_omni.py --init "$OUT/sft" --data "$OUT/dpo_pairs.jsonl" --train vision,resampler,llm \
+    --beta 0.01 --sft_weight 1 --out "$OUT/dpo" "${COMMON[@]}"
+  mkdir -p "$OUT/dpo_eval"
+  BENCHES=("$DATA/test.jsonl" "$HELDOUT/test.jsonl" "$FRESH/test.jsonl" "$HELDOUT/captions_heldout.jsonl")
+  for model in sft dpo; do  # 180 samples per task on three test splits (one answer = 0.6 points), and the captions
+    for i in "${!BENCHES[@]}"; do
+      [ -f "$OUT/dpo_eval/${model}_$i.json" ] || run "eval_${model}_$i" python eval_omni.py --ckpt "$OUT/$model" \
+        --bench "${BENCHES[$i]}" --out "$OUT/dpo_eval/${model}_$i.json"
+    done
+  done
+  echo "after DPO, test splits (${BENCHES[*]:0:3}):"
+  python benchmarks/compare_results.py --before "$OUT"/dpo_eval/sft_{0,1,2}.samples.jsonl \
+    --after "$OUT"/dpo_eval/dpo_{0,1,2}.samples.jsonl | tee "$OUT/dpo_eval/test_splits.txt"
+  echo "after DPO, held-out captions (${BENCHES[3]}):"
+  python benchmarks/compare_results.py --before "$OUT/dpo_eval/sft_3.samples.jsonl" \
+    --after "$OUT/dpo_eval/dpo_3.samples.jsonl" | tee "$OUT/dpo_eval/heldout_captions.txt"
 fi
 if [ "${SPEAK:-0}" = 1 ]; then  # speech output: ToyWorld with spoken answers + codec, a talker on the frozen SFT LLM
   SPEECH_DATA=${SPEECH_DATA:-${DATA}_speak}
