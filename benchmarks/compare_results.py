@@ -1,8 +1,8 @@
-"""Did a stage move a task, or is it noise? Compares two checkpoints' per-sample predictions on the same benchmark
+r"""Did a stage move a task, or is it noise? Compares two checkpoints' per-sample predictions on the same benchmark
 samples (eval_omni.py --bench writes them next to --out as *.samples.jsonl) with a paired standard error.
 
-    python benchmarks/compare_results.py --before out/demo/results.samples.jsonl \
-        --after out/demo/results_dpo.samples.jsonl
+    python benchmarks/compare_results.py --before out/demo/dpo_eval/sft_3.samples.jsonl \
+        --after out/demo/dpo_eval/dpo_3.samples.jsonl          # what DPO=1 bash scripts/demo.sh prints
 
 With 60 samples per task one answer is 1.7 points, and two independent runs of the same recipe differ by ~5; the
 pairing (same samples, before vs after) leaves only the answers that changed. Several splits (--before A1 A2

@@ -1,4 +1,4 @@
-"""Caption sets of new scenes, for the hallucination numbers and the DPO prompts. The test split has 60 captions, too
+r"""Caption sets of new scenes, for the hallucination numbers and the DPO prompts. The test split has 60 captions, too
 few to see a 30% change in ~20 false claims. Builds a ToyWorld with another seed (new scenes, same world) and keeps
 every caption sample of it whose caption text none of the captions to avoid has (so no scene is seen twice).
 

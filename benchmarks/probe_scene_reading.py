@@ -1,4 +1,4 @@
-"""Probe (not a test): can the tiny LLM learn ToyWorld's scene questions when the image is PERFECTLY perceived?
+r"""Probe (not a test): can the tiny LLM learn ToyWorld's scene questions when the image is PERFECTLY perceived?
 
 Each of the 9 grid cells becomes one input position whose embedding is the sum of the LLM's own embeddings of the
 cell's words (its position, and the colour, shape and size of its object if it has one), placed where the image
