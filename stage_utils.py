@@ -108,12 +108,33 @@ def finish_stage(model: OmniModel, tokenizer, args):
 
 def save_stage(model: OmniModel, tokenizer, out: str, args):
     """The stage output: a plain OmniModel checkpoint (LoRA merged) + tokenizer + the arguments, rank 0 only.
-    Towers still identical to their pretrained folders are not copied (config.external_weights points at them)."""
+    Towers still identical to their pretrained folders are not copied (config.external_weights points at them).
+    stage_args.json is written last: it marks the stage as finished (finished_before)."""
     merge_lora(model)
     model.save_pretrained(out, exclude=tuple(c for c in TOWERS if c in model.config.external_weights))
     tokenizer.save_pretrained(out)
     with open(os.path.join(out, "stage_args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k != "lr_for"} | {"lr_for": dict(args.lr_for)}, f, indent=2)
+        json.dump(stage_args(args), f, indent=2)
+
+
+def stage_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "lr_for"} | {"lr_for": dict(args.lr_for)}
+
+
+def finished_before(args) -> bool:
+    """A --resume auto run whose --out already holds this stage's output, saved with the same arguments, has nothing
+    left to do: it returns before loading the model or its data (a re-run of scripts/demo.sh skips its finished
+    stages instead of, e.g., running the slots stage's frozen tower over every image again)."""
+    path = os.path.join(args.out, "stage_args.json")
+    if args.resume != "auto" or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        saved = json.load(f)
+    current = json.loads(json.dumps(stage_args(args)))  # tuples -> lists, as saved
+    if {k: v for k, v in saved.items() if k != "resume"} != {k: v for k, v in current.items() if k != "resume"}:
+        return False
+    print(f"{args.out} already holds this stage's output, saved with these arguments: nothing to do")
+    return True
 
 
 # ----------------------------------------------------------------------------- instruction data

@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset, Subset
 from dataset.chat import tokenize_conversation
 from dataset.omni_dataset import OmniDataset, SampleError, collate, length_grouped_batches
 from model.model_omni import MediaInputs, OmniModel
-from stage_utils import add_model_args, build_model, finish_stage, set_trainable
+from stage_utils import add_model_args, build_model, finish_stage, finished_before, set_trainable
 from trainer import Trainer, add_common_args
 
 MEDIA_COMPONENTS = ("vision", "audio", "resampler", "audio_projector")
@@ -177,6 +177,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.init:
         raise SystemExit("DPO starts from a trained checkpoint (the reference): pass --init out/sft")
+    if finished_before(args):
+        return
     policy, tokenizer = build_model(args)
     components = args.train.split(",")
     model = DPOModel(policy, components, args.beta, args.sft_weight)  # the reference: copied before LoRA / training

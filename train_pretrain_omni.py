@@ -34,7 +34,7 @@ import argparse
 
 from dataset.chat import char_token_ids
 from model.warmup_heads import AudioWarmup, ListenWarmup, SlotWarmup, VisionWarmup
-from stage_utils import (add_model_args, build_model, component_lrs, finish_stage, omni_data,
+from stage_utils import (add_model_args, build_model, component_lrs, finish_stage, finished_before, omni_data,
                          set_trainable, text_data, warmup_data)
 from trainer import Trainer, add_common_args
 
@@ -81,6 +81,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if finished_before(args):
+        return
     model, tokenizer = build_model(args)
     if args.stage in ("vision", "audio", "text", "slots", "listen") and model.config.external_weights:
         raise SystemExit(f"--stage {args.stage} warms up a randomly initialised tower; pretrained towers "

@@ -18,7 +18,8 @@ import os
 
 from model.codec import MelCodec
 from model.talker import TalkerConfig
-from stage_utils import add_model_args, build_model, component_lrs, finish_stage, omni_data, set_trainable
+from stage_utils import (add_model_args, build_model, component_lrs, finish_stage, finished_before, omni_data,
+                         set_trainable)
 from trainer import Trainer, add_common_args
 
 DATA = "data/toyworld"
@@ -43,6 +44,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if finished_before(args):
+        return
     model, tokenizer = build_model(args)
     codec = attach_talker(model, args, tokenizer) if args.speech_weight else None
     set_trainable(model, args.train.split(",") + (["talker"] if codec else []), args.lora_rank, args.lora_alpha)

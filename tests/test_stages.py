@@ -517,3 +517,18 @@ def test_torchrun_two_ranks_then_resume_with_one(chain, world, tmp_path):
     per_epoch = -(-sum(1 for _ in open(world / "sft.jsonl")) // 4)
     assert (second["world_size"], second["step"], second["epoch"] * per_epoch + second["pos"]) == (1, 5, 8)
     OmniModel.from_pretrained(str(tmp_path))
+
+
+def test_a_finished_stage_run_again_with_resume_auto_does_nothing(chain, world, tmp_path, monkeypatch):
+    args = ["--stage", "slots", "--out", str(tmp_path / "slots"), "--max_steps", "2", "--resume", "auto",
+            "--init", str(chain / "text"), "--data", str(world / "pretrain.jsonl"), *FAST]
+    train_pretrain_omni.main(args)
+    saved = (tmp_path / "slots" / "model.safetensors").stat().st_mtime_ns
+
+    def refuse(*_):
+        raise AssertionError("built the model again")
+    monkeypatch.setattr(train_pretrain_omni, "build_model", refuse)
+    train_pretrain_omni.main(args)  # same arguments: returns before the model, the data and the frozen tower
+    assert (tmp_path / "slots" / "model.safetensors").stat().st_mtime_ns == saved
+    with pytest.raises(AssertionError, match="built the model again"):  # other arguments: it goes on as before
+        train_pretrain_omni.main(args[:5] + ["3"] + args[6:])
