@@ -129,9 +129,8 @@ def finished_before(args) -> bool:
     if args.resume != "auto" or not os.path.isfile(path):
         return False
     with open(path) as f:
-        saved = json.load(f)
-    current = json.loads(json.dumps(stage_args(args)))  # tuples -> lists, as saved
-    if {k: v for k, v in saved.items() if k != "resume"} != {k: v for k, v in current.items() if k != "resume"}:
+        saved = json.load(f) | {"resume": args.resume}  # the first run may have started without --resume
+    if saved != json.loads(json.dumps(stage_args(args))):  # through JSON: tuples -> lists, as saved
         return False
     print(f"{args.out} already holds this stage's output, saved with these arguments: nothing to do")
     return True

@@ -65,8 +65,9 @@ def main():
     print(f"{'task':<24}{'n':>5}{'before':>9}{'after':>9}{'change':>9}{'± s.e.':>9}   (scores: change in points)")
     for r in compare(load(args.before), load(args.after)):
         flag = "  <- beyond 2 s.e." if abs(r["delta"]) > 2 * r["se"] > 0 else ""
-        rel = f"  ({r['delta'] / r['before']:+.0%})" if r["task"].startswith("false") and r["before"] else ""
-        u, digits = r["unit"], 1 if r["unit"] == 100 else 3
+        u, counts = r["unit"], r["unit"] == 1  # scores in points; false claims as counts, with the relative change
+        rel = f"  ({r['delta'] / r['before']:+.0%})" if counts and r["before"] else ""
+        digits = 3 if counts else 1
         print(f"{r['task']:<24}{r['n']:>5}{r['before']:>9.3f}{r['after']:>9.3f}{u * r['delta']:>+9.{digits}f}"
               f"{u * r['se']:>9.{digits}f}{flag}{rel}")
 

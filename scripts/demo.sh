@@ -65,13 +65,13 @@ if [ "${DPO:-0}" = 1 ]; then  # RLAIF-V: the SFT model's own captions of fresh s
   mkdir -p "$OUT/dpo_eval"
   BENCHES=("$DATA/test.jsonl" "$HELDOUT/test.jsonl" "$FRESH/test.jsonl" "$HELDOUT/captions_heldout.jsonl")
   for model in sft dpo; do  # 180 samples per task on three test splits (one answer = 0.6 points), and the captions
-    for i in "${!BENCHES[@]}"; do
-      [ -f "$OUT/dpo_eval/${model}_$i.json" ] || run "eval_${model}_$i" python eval_omni.py --ckpt "$OUT/$model" \
-        --bench "${BENCHES[$i]}" --out "$OUT/dpo_eval/${model}_$i.json"
+    for i in "${!BENCHES[@]}"; do  # (the SFT model on the demo's split: the eval stage above, results.samples.jsonl)
+      [ "$model$i" = sft0 ] || [ -f "$OUT/dpo_eval/${model}_$i.json" ] || run "eval_${model}_$i" python eval_omni.py \
+        --ckpt "$OUT/$model" --bench "${BENCHES[$i]}" --out "$OUT/dpo_eval/${model}_$i.json"
     done
   done
   echo "after DPO, test splits (${BENCHES[*]:0:3}):"
-  python benchmarks/compare_results.py --before "$OUT"/dpo_eval/sft_{0,1,2}.samples.jsonl \
+  python benchmarks/compare_results.py --before "$OUT/results.samples.jsonl" "$OUT"/dpo_eval/sft_{1,2}.samples.jsonl \
     --after "$OUT"/dpo_eval/dpo_{0,1,2}.samples.jsonl | tee "$OUT/dpo_eval/test_splits.txt"
   echo "after DPO, held-out captions (${BENCHES[3]}):"
   python benchmarks/compare_results.py --before "$OUT/dpo_eval/sft_3.samples.jsonl" \
