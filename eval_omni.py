@@ -93,7 +93,7 @@ def standin_inputs(standins) -> dict:
     if standins is None:
         return {}
     return {"media_as_text": standins.expansions, "standin_slots": standins.slots,
-            "standin_spelled": standins.spelled, "standin_frames": standins.frames}
+            "standin_spelled": standins.spelled, "standin_frames": standins.frames, "standin_read": standins.read}
 
 
 @torch.no_grad()

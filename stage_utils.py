@@ -12,20 +12,24 @@ import random
 from functools import partial
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from dataset.build_toyworld import ASK, follow_up_questions, gen_asr, gen_scene_qa, gen_video
-from dataset.chat import (MARKERS, lookup_targets, slot_standin_ids, spelled_length, standin_ids,
-                          tokenize_conversation)
+from dataset.build_toyworld import (ASK, char_columns, follow_up_questions, gen_asr, gen_ocr, gen_scene_qa, gen_video,
+                                    render_text)
+from dataset.chat import (MARKERS, lookup_targets, slot_standin_ids, spelled_length, spelled_rows, spelling_targets,
+                          standin_ids, tokenize_conversation)
 from dataset.media import audio_features, image_to_tensor, load_image, read_video, video_placeholder
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
-from dataset.toyworld_text import describe_media, frame_objects, frame_slots, queried_slots, scene_slots
+from dataset.toyworld_text import (describe_media, frame_objects, frame_slots, queried_slots, scene_slots,
+                                   text_image_reading)
 from model.lora import apply_lora, merge_lora
-from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END,
-                              VIDEO_START, OmniConfig, OmniModel)
-from model.warmup_heads import CELL_FIELDS
+from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, TEXT_SLOTS_FROM,
+                              VIDEO_END, VIDEO_START, OmniConfig, OmniModel)
+from model.warmup_heads import CELL_FIELDS, READ_COLUMNS_PER_PATCH
 from trainer import cleanup_distributed, is_main
 
 TOWERS = ("llm", "vision", "audio")  # components that can come from a pretrained folder
@@ -46,6 +50,10 @@ def add_model_args(parser, data: list[str], tasks: str = ""):
     g.add_argument("--standin_weight", type=float, default=1.0,
                    help="weight of the stand-in loss: ToyWorld image slots pulled towards their cells' word codes "
                         "(0 = off; only after the tiny text warm-up, whose LLM learned to read them)")
+    g.add_argument("--reading_weight", type=float, default=0.02,
+                   help="weight of the reading loss: a square ToyWorld text image's slots spell its text (0 = off; "
+                        "once the model spells). Small: its gradient is ~50x the stand-in loss's, and at 1 the shared "
+                        "resampler stopped reading scenes (docs/experiments.md)")
     g.add_argument("--lookup_weight", type=float, default=1.0,
                    help="weight of the lookup loss: at the answer to a ToyWorld colour/shape/position question, "
                         "attention of the LLM's middle layer pulled onto the slot of the object asked about (0 = off; "
@@ -81,6 +89,7 @@ def build_model(args) -> tuple[OmniModel, object]:
         raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the LLM only {model.config.llm.vocab_size} rows")
     model.config.set_token_ids(tokenizer)
     model.standin_weight, model.lookup_weight = args.standin_weight, args.lookup_weight
+    model.reading_weight = args.reading_weight
     return model, tokenizer
 
 
@@ -165,6 +174,7 @@ class Standins(NamedTuple):
     slots: list[list[str]] | None     # per scene, its query_num image slots' texts (toyworld_text.scene_slots)
     frames: list[list[str]] | None    # per frame of the clip, its video slots' texts (toyworld_text.frame_slots)
     spelled: list[str]                # per clip of speech, the transcript its audio pads spell
+    read: list[str] | None = None     # per square text image, the text its image pads spell
 
 
 def standin_expansions(sample: dict, config: OmniConfig) -> Standins | None:
@@ -172,8 +182,10 @@ def standin_expansions(sample: dict, config: OmniConfig) -> Standins | None:
     standing for its cells' words (one cell per slot: toyworld_text.scene_slots, chat.slot_standin_ids), the slots
     `align` then teaches the resampler to fill; a clip, where each frame has its own slots (video_group_size 1),
     becomes those frames read the same way; speech becomes audio pads spelling its transcript
-    (chat.spelled_standin_ids), which the listen warm-up teaches the audio projector to write; rendered text (and a
-    clip under a grouping resampler) becomes text (toyworld_text.describe_media)."""
+    (chat.spelled_standin_ids), which the listen warm-up teaches the audio projector to write; a square text image
+    becomes query_num image pads spelling its text the same way over the slots a scene leaves spare (from
+    TEXT_SLOTS_FROM on; the slots warm-up teaches the resampler to write them; a longer text stays text); wide and
+    tall text (and a clip under a grouping resampler) become text (toyworld_text.describe_media)."""
     described = describe_media(sample)
     if described is None:
         return None
@@ -183,6 +195,11 @@ def standin_expansions(sample: dict, config: OmniConfig) -> Standins | None:
         described["image"] = [IMAGE_PAD * q] * len(slots)
     else:
         slots = None
+    read = text_image_reading(sample)
+    if read and spelled_rows(read[0]) <= q - TEXT_SLOTS_FROM:
+        described["image"] = [IMAGE_PAD * q]
+    else:
+        read = None
     frames = frame_slots(sample, config.video_max_frames) if config.frames_read_alone else None
     spelled = described["audio"]
     described["audio"] = [AUDIO_PAD * spelled_length(text) for text in spelled]
@@ -190,7 +207,7 @@ def standin_expansions(sample: dict, config: OmniConfig) -> Standins | None:
                   for kind, texts in described.items()}
     if frames:
         expansions["video"] = [video_placeholder([1] * len(frames), q)]
-    return Standins(expansions, slots, frames, spelled)
+    return Standins(expansions, slots, frames, spelled, read)
 
 
 def generated_scene_questions(n: int, seed: int, per_scene: int = 1) -> list[dict]:
@@ -222,6 +239,13 @@ def generated_clips(n: int, seed: int) -> list[dict]:
     specs: text warm-up practice in reading a clip frame by frame, where the dataset has 300."""
     rng = random.Random(seed)
     return [gen_video(rng, "en", i, False)[0] for i in range(n)]
+
+
+def generated_text_images(n: int, seed: int) -> list[dict]:
+    """n render specs of square rendered-text images (a word or a number) drawn by ToyWorld's own OCR generator,
+    never a held-out combination: reading practice for the vision and slots warm-ups."""
+    rng = random.Random(seed)
+    return [gen_ocr(rng, "en", 4 * i, False)[0]["images"][0] for i in range(n)]  # i % 4 != 3: the square layout
 
 
 class TextDataset(Dataset):
@@ -261,7 +285,8 @@ class TextDataset(Dataset):
     def __getitem__(self, i):
         sample, standins = self.samples[i]
         input_ids, labels = tokenize_conversation(sample, self.tokenizer, standins.expansions)
-        words = standin_ids(input_ids, self.tokenizer, standins.slots, standins.spelled, standins.frames)
+        words = standin_ids(input_ids, self.tokenizer, standins.slots, standins.spelled, standins.frames,
+                            standins.read)
         if words is None:
             return {"input_ids": input_ids, "labels": labels}
         return {"input_ids": input_ids, "labels": labels, "standin_ids": words,
@@ -308,10 +333,14 @@ def scene_cells(objects: list[dict]) -> torch.Tensor:
 
 
 class VisionWarmupData(Dataset):
-    """Items: a scene image, or the frames of a clip the model reads (at most max_frames), with per-cell targets."""
+    """Items: a scene image, or the frames of a clip the model reads (at most max_frames), with per-cell targets;
+    then `text_images` square rendered-text images drawn by ToyWorld's own OCR generator (rendered when read, seeded
+    by their index) with the character centred in each reading column (build_toyworld.char_columns)."""
 
-    def __init__(self, paths: list[str], max_frames: int):
-        self.max_frames, self.items = max_frames, []
+    def __init__(self, paths: list[str], max_frames: int, chars: list[str], text_images: int = 0, seed: int = 0,
+                 columns: int = 16):
+        self.max_frames, self.chars, self.columns, self.seed, self.items = max_frames, chars, columns, seed, []
+        self.char_index = {c: k + 1 for k, c in enumerate(chars)}  # 0 = no character
         for root, s in jsonl_samples(paths):
             m, images = s.get("meta", {}), [os.path.join(root, p) for p in s.get("images") or []]
             if "scenes" in m:
@@ -320,23 +349,33 @@ class VisionWarmupData(Dataset):
                 self.items.append(("scene", images[0], m["scene"]["objects"]))
             elif s.get("task") == "video":
                 self.items.append(("video", os.path.join(root, s["videos"][0]), m))
+        self.items += [("text", None, spec) for spec in generated_text_images(text_images, seed)]
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitem__(self, i) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         kind, path, target = self.items[i]
+        no_cells, no_columns = torch.full((9, len(CELL_FIELDS)), -100), torch.full((self.columns,), -100)
+        if kind == "text":
+            image = render_text(target, np.random.default_rng([self.seed, i]))
+            columns = torch.zeros(self.columns, dtype=torch.long)
+            for ch, column in zip(target["lines"][0].lower(), char_columns(target, self.columns)):
+                if column is not None:
+                    columns[column] = self.char_index.get(ch, 0)
+            return [(image_to_tensor(image), no_cells, columns)]
         if kind == "scene":
-            return [(image_to_tensor(load_image(path)), scene_cells(target))]
+            return [(image_to_tensor(load_image(path)), scene_cells(target), no_columns)]
         frames, _ = read_video(path, self.max_frames)
-        return [(image_to_tensor(f), scene_cells(objs))
+        return [(image_to_tensor(f), scene_cells(objs), no_columns)
                 for f, objs in zip(frames, frame_objects(target, self.max_frames), strict=True)]
 
 
 def collate_vision(items: list[list]) -> dict:
-    scenes = [x for it in items for x in it]
-    return {"pixel_values": torch.stack([px for px, _ in scenes]),   # [N, 3, S, S]
-            "cells": torch.stack([c for _, c in scenes])}             # [N, 9, 3]
+    images = [x for it in items for x in it]
+    return {"pixel_values": torch.stack([px for px, _, _ in images]),   # [N, 3, S, S]
+            "cells": torch.stack([c for _, c, _ in images]),             # [N, 9, 3]
+            "columns": torch.stack([c for _, _, c in images])}           # [N, 2g]
 
 
 class AudioWarmupData(Dataset):
@@ -404,19 +443,28 @@ def collate_listen(items: list[dict]) -> dict:
 
 
 class SlotWarmupData(Dataset):
-    """Every ToyWorld scene image (single and multi-image samples), and every clip's frames when each frame has its
-    own slots (video_group_size 1) -> per image or frame (its patch features, the word ids of its query_num slots).
-    The vision tower is frozen in the slots stage, so each image goes through it once, here, instead of once per
-    epoch (the tower was 60% of a step, and no image is decoded again)."""
+    """Every ToyWorld scene image (single and multi-image samples), every clip's frames when each frame has its own
+    slots (video_group_size 1), and once the model spells (config.spelling_ids) every square text image and
+    `text_images` generated ones -> per image or frame (its patch features, the word ids of its query_num slots or
+    the characters they spell). The vision tower is frozen in the slots stage, so each image goes through it once,
+    here, instead of once per epoch (the tower was 60% of a step, and no image is decoded again)."""
 
-    def __init__(self, paths: list[str], tokenizer, config: OmniConfig, vision_tower: torch.nn.Module):
+    def __init__(self, paths: list[str], tokenizer, config: OmniConfig, vision_tower: torch.nn.Module,
+                 text_images: int = 0, seed: int = 0):
         self.tokenizer, self.config, self.items = tokenizer, config, []
         for root, s in jsonl_samples(paths):
             for path, texts in zip(s.get("images") or [], scene_slots(s) or []):
-                self.items.append((os.path.join(root, path), False, [texts]))
+                self.items.append((os.path.join(root, path), "scene", [texts]))
             frames = frame_slots(s, config.video_max_frames) if config.frames_read_alone else None
             if frames:
-                self.items.append((os.path.join(root, s["videos"][0]), True, frames))
+                self.items.append((os.path.join(root, s["videos"][0]), "clip", frames))
+            read = text_image_reading(s) if config.spelling_ids else None
+            if read and self._spellable(read[0]):
+                self.items.append((os.path.join(root, s["images"][0]), "text", read[0]))
+        noise = np.random.default_rng(seed)
+        self.items += [(render_text(spec, noise), "text", spec["lines"][0])
+                       for spec in generated_text_images(text_images if config.spelling_ids else 0, seed + 1)
+                       if self._spellable(spec["lines"][0])]
         self.features = []  # per item [images, L, Dv]
         grid = config.scale_resolution // config.vision.patch_size
         for start in range(0, len(self.items), 32):
@@ -425,13 +473,19 @@ class SlotWarmupData(Dataset):
             feats, _ = frozen(vision_tower, torch.cat(pixels), grid_hw)               # [N, L, Dv]
             self.features += feats.split([len(p) for p in pixels])
 
+    def _spellable(self, text: str) -> bool:
+        """Every character is one of config.spelling_ids and the slots have room for the spelled path."""
+        return (spelled_rows(text) <= self.config.query_num - TEXT_SLOTS_FROM
+                and len(spelling_targets(self.tokenizer, text, self.config.spelling_ids)) == len(text))
+
     def _pixels(self, i) -> torch.Tensor:
-        """[images, 3, S, S]: the scene, or the frames of the clip the model reads."""
-        path, is_clip, _ = self.items[i]
-        images = read_video(path, self.config.video_max_frames)[0] if is_clip else [load_image(path)]
+        """[images, 3, S, S]: the scene or text image, or the frames of the clip the model reads."""
+        image, kind, _ = self.items[i]
+        images = (read_video(image, self.config.video_max_frames)[0] if kind == "clip"
+                  else [image if isinstance(image, Image.Image) else load_image(image)])
         pixels = torch.stack([image_to_tensor(image) for image in images])
         if list(pixels.shape[2:]) != [self.config.scale_resolution] * 2:
-            raise ValueError(f"{path}: a scene must be {self.config.scale_resolution}px square (one slice), "
+            raise ValueError(f"{image}: a scene must be {self.config.scale_resolution}px square (one slice), "
                              f"got {tuple(pixels.shape[2:])}")
         return pixels
 
@@ -439,18 +493,25 @@ class SlotWarmupData(Dataset):
         return len(self.items)
 
     def __getitem__(self, i) -> list[dict]:
+        _, kind, target = self.items[i]
         pads = torch.full((self.config.query_num,), self.config.image_pad_id, dtype=torch.long)
-        return [{"features": feats, "standin_ids": slot_standin_ids(pads, self.tokenizer, [texts])}  # [L, Dv], [Q, W]
-                for feats, texts in zip(self.features[i], self.items[i][2], strict=True)]
+        if kind == "text":
+            return [{"features": self.features[i][0], "standin_ids": torch.full((len(pads), 1), -1),
+                     "spelling": spelling_targets(self.tokenizer, target, self.config.spelling_ids)}]
+        return [{"features": feats, "standin_ids": slot_standin_ids(pads, self.tokenizer, [texts]),  # [L, Dv], [Q, W]
+                 "spelling": torch.zeros(0, dtype=torch.long)}
+                for feats, texts in zip(self.features[i], target, strict=True)]
 
 
 def collate_slots(items: list[list[dict]]) -> dict:
-    scenes = [x for it in items for x in it]
-    width = max(x["standin_ids"].shape[1] for x in scenes)
-    ids = torch.full((len(scenes), scenes[0]["standin_ids"].shape[0], width), -1, dtype=torch.long)  # [N, Q, W]
-    for k, x in enumerate(scenes):
+    images = [x for it in items for x in it]
+    width = max(x["standin_ids"].shape[1] for x in images)
+    ids = torch.full((len(images), images[0]["standin_ids"].shape[0], width), -1, dtype=torch.long)  # [N, Q, W]
+    for k, x in enumerate(images):
         ids[k, :, :x["standin_ids"].shape[1]] = x["standin_ids"]
-    return {"patch_features": torch.stack([x["features"] for x in scenes]), "standin_ids": ids}  # [N, L, Dv]
+    return {"patch_features": torch.stack([x["features"] for x in images]), "standin_ids": ids,  # [N, L, Dv]
+            "spelling": torch.nn.utils.rnn.pad_sequence([x["spelling"] for x in images], batch_first=True),
+            "spelling_lens": torch.tensor([len(x["spelling"]) for x in images])}
 
 
 def warmup_data(args, stage: str, model: OmniModel, tokenizer=None):
@@ -458,9 +519,13 @@ def warmup_data(args, stage: str, model: OmniModel, tokenizer=None):
     audio and listen share the clips and their characters). slots and listen run the frozen tower here, once."""
     config = model.config
     if stage == "slots":
-        dataset, collate_fn = SlotWarmupData(args.data, tokenizer, config, model.vision_tower), collate_slots
+        dataset = SlotWarmupData(args.data, tokenizer, config, model.vision_tower, args.text_images, args.seed)
+        collate_fn = collate_slots
     elif stage == "vision":
-        dataset, collate_fn = VisionWarmupData(args.data, config.video_max_frames), collate_vision
+        columns = READ_COLUMNS_PER_PATCH * config.scale_resolution // config.vision.patch_size
+        dataset = VisionWarmupData(args.data, config.video_max_frames, charset(args.data), args.text_images,
+                                   args.seed, columns)
+        collate_fn = collate_vision
     elif stage == "audio":
         dataset, collate_fn = AudioWarmupData(args.data, charset(args.data), config), collate_audio
     elif stage == "listen":

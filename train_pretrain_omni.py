@@ -12,17 +12,19 @@ the next one's --init (and a checkpoint eval_omni.py can chat with).
 
 Stages (see the README for the why):
 - vision / audio / text: the tiny recipe's stand-in for towers that arrive pretrained. The vision tower learns
-  per-cell colour/shape/size from ToyWorld ground truth, the audio tower transcribes (CTC),
-  the LLM learns ToyWorld's language with each medium replaced by its stand-in (a scene as one vector per cell in
-  its image slots, a clip frame by frame the same way, speech as its transcript spelled one character per audio
-  row, ...), plus 3,000 generated scenes of 6 questions each, where the lookup loss (--lookup_weight) points
-  middle-layer heads at the slot a question asks about, 2,000 generated transcriptions (spelling practice over the
-  whole ASR lexicon) and 600 generated clips: what a pretrained LLM arrives able to do. With real Qwen3 / SigLIP2 /
-  Whisper folders these are skipped.
+  per-cell colour/shape/size from ToyWorld ground truth and to read generated square text images (the character
+  under each column), the audio tower transcribes (CTC), the LLM learns ToyWorld's language with each medium
+  replaced by its stand-in (a scene as one vector per cell in its image slots, a clip frame by frame the same way,
+  speech as its transcript spelled one character per audio row, a square text image as its text spelled over the
+  image slots a scene leaves spare, ...), plus 3,000 generated scenes of 6 questions each, where the lookup loss
+  (--lookup_weight) points middle-layer heads at the slot a question asks about, 2,000 generated transcriptions
+  (spelling practice over the whole ASR lexicon) and 600 generated clips: what a pretrained LLM arrives able to
+  do. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
 - slots (tiny recipe too): the resampler alone learns to write each scene cell's stand-in into that cell's slot
-  (each frame of a clip too), from the frozen tower (run once per image) and without the LLM. The stand-ins are
-  fixed word codes, so the text side (text stage) and the image side (this stage) each learn to meet at them, and
-  `align` starts from slots the LLM can read.
+  (each frame of a clip too), and each square text image's text spelled into the spare slots (--reading_weight),
+  from the frozen tower (run once per image) and without the LLM. The stand-ins are fixed word codes, so the text
+  side (text stage) and the image side (this stage) each learn to meet at them, and `align` starts from slots the
+  LLM can read.
 - listen (tiny recipe too): the same for speech: the audio projector alone learns, by CTC on the frozen tower, to
   write each clip's transcript spelled, one character's word code per audio token where it is heard.
 - align: the original's first stage: encoders and LLM frozen, only the resampler and audio projector learn to
@@ -34,19 +36,21 @@ import argparse
 
 from dataset.chat import char_token_ids
 from model.warmup_heads import AudioWarmup, ListenWarmup, SlotWarmup, VisionWarmup
-from stage_utils import (add_model_args, build_model, component_lrs, finish_stage, finished_before, omni_data,
-                         set_trainable, text_data, warmup_data)
+from stage_utils import (add_model_args, build_model, charset, component_lrs, finish_stage, finished_before,
+                         omni_data, set_trainable, text_data, warmup_data)
 from trainer import Trainer, add_common_args
 
 DATA = "data/toyworld"
 WARMUP_DATA = [f"{DATA}/pretrain.jsonl", f"{DATA}/sft.jsonl"]  # every image, OCR text and transcript of the train split
 # Per-stage defaults (all overridable on the command line); lrs maps components to their learning rate.
 STAGES = {
-    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=8, batch_size=32, lr=2e-3, lrs={}),
+    "vision": dict(train="vision", data=WARMUP_DATA, tasks="", epochs=8, batch_size=32, lr=2e-3, lrs={},
+                   text_images=6000),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={},  # not 2e-3: README
                  scene_questions=3000, questions_per_scene=6, transcriptions=2000, clips=600),
-    "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=6, batch_size=16, lr=2e-3, lrs={}),
+    "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=6, batch_size=16, lr=2e-3, lrs={},
+                  text_images=3000),
     "listen": dict(train="audio_projector", data=WARMUP_DATA, tasks="", epochs=4, batch_size=16, lr=2e-3, lrs={}),
     "align": dict(train="projectors", data=[f"{DATA}/pretrain.jsonl"], tasks="caption,ocr,asr", epochs=3,
                   batch_size=16, lr=2e-3, lrs={}),
@@ -71,6 +75,8 @@ def parse_args(argv=None):
                         help="text stage: this many generated ASR samples (spelling practice) on top of --data")
     parser.add_argument("--clips", type=int, default=0,
                         help="text stage: this many generated video questions (clips read frame by frame) on top")
+    parser.add_argument("--text_images", type=int, default=0,
+                        help="vision / slots stages: this many generated square text images (reading practice)")
     add_common_args(parser)
     lrs = defaults.pop("lrs")
     parser.set_defaults(out=f"out/{stage}", warmup_ratio=0.05, **defaults)
@@ -88,16 +94,16 @@ def main(argv=None):
         raise SystemExit(f"--stage {args.stage} warms up a randomly initialised tower; pretrained towers "
                          f"({', '.join(model.config.external_weights)}) start at --stage align")
     set_trainable(model, args.train.split(","))
+    if args.stage in ("slots", "listen"):  # text images and speech are spelled with the data's characters
+        model.config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in charset(args.data)]
     if args.stage in ("vision", "audio"):  # a throw-away head on the tower; only the tower moves on
         data = warmup_data(args, args.stage, model)
-        net = (VisionWarmup(model.vision_tower, model.config.scale_resolution) if args.stage == "vision"
-               else AudioWarmup(model.audio_tower, len(data[0].chars)))
+        net = (VisionWarmup(model.vision_tower, model.config.scale_resolution, len(data[0].chars))
+               if args.stage == "vision" else AudioWarmup(model.audio_tower, len(data[0].chars)))
     elif args.stage == "slots":
         net, data = SlotWarmup(model), warmup_data(args, args.stage, model, tokenizer)
     elif args.stage == "listen":  # the audio warm-up's clips and characters, now written by the projector
-        data = warmup_data(args, args.stage, model)
-        model.config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in data[0].chars]
-        net = ListenWarmup(model)
+        net, data = ListenWarmup(model), warmup_data(args, args.stage, model)
     elif args.stage == "text":
         net, data = model, text_data(args, tokenizer, model.config)
     else:

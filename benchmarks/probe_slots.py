@@ -3,7 +3,10 @@
 For each single-scene image the resampler's first 9 slots are compared with their cells' word stand-ins
 (OmniModel.embed_standins) and decoded by nearest neighbour among the 49 descriptions a cell can have at its
 position (empty, or one of 6 colours x 4 shapes x 2 sizes). Prints the relative squared error (the stand-in loss,
-over cell slots and spare slots separately) and how often the decoded cell is right.
+over cell slots and spare slots separately) and how often the decoded cell is right. For each square text image
+(once the model spells: config.spelling_ids) its slots from TEXT_SLOTS_FROM on are read as the text warm-up's
+spelled stand-ins are written: each slot's nearest spelling code (the image pad's code the blank), repeats merged, blanks dropped; scored
+against the text by character accuracy (1 - CER, as eval_omni scores OCR).
 
     python benchmarks/probe_slots.py --ckpt out/demo/slots out/demo/align --data data/toyworld/test.jsonl
 """
@@ -14,7 +17,8 @@ import torch
 from dataset.omni_dataset import OmniDataset, collate
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import COLORS, POSITIONS, SHAPES, SIZES, cell_texts
-from model.model_omni import MediaInputs, OmniModel, relative_error
+from eval_omni import char_accuracy
+from model.model_omni import TEXT_SLOTS_FROM, MediaInputs, OmniModel, relative_error
 
 OBJECTS = [()] + [(c, s, z) for c in COLORS for s in SHAPES for z in SIZES]  # () = empty cell
 SCENE_TASKS = ("caption", "color", "shape", "count", "position")
@@ -57,6 +61,34 @@ def probe(ckpt: str, data: str, limit: int) -> dict:
     return out
 
 
+@torch.no_grad()
+def read_text_images(ckpt: str, data: str, limit: int) -> dict | None:
+    """Square text images' slots decoded as spelled text -> {"images", "char_accuracy", "examples"}; None when
+    the checkpoint does not spell (no config.spelling_ids) or the data has no square text image."""
+    model, tokenizer = OmniModel.from_pretrained(ckpt).eval(), load_tokenizer(ckpt)
+    if not model.config.spelling_ids:
+        return None
+    dataset = OmniDataset(data, tokenizer, model.config, 2048, standins=True)
+    codes = model.spelling_codes(blank_id=model.config.image_pad_id)               # [C+1, D]
+    scores, examples = [], []
+    for k, (_, sample) in enumerate(dataset.records):
+        if sample.get("task") != "ocr" or (sample.get("meta") or {}).get("layout") != "square":
+            continue
+        batch = collate([dataset[k]], tokenizer.pad_token_id)
+        media = MediaInputs(**{key: v for key, v in batch.items() if key in MediaInputs.__dataclass_fields__})
+        slots = model.embed_inputs(batch["input_ids"], media)[0][batch["input_ids"][0] == model.config.image_pad_id]
+        nearest = torch.cdist(slots[TEXT_SLOTS_FROM:], codes).argmin(-1).tolist()  # [Q - 9] 0 = blank
+        merged = [c for i, c in enumerate(nearest) if c and (i == 0 or c != nearest[i - 1])]
+        read = tokenizer.decode([t for c in merged for t in model.config.spelling_ids[c - 1]])
+        scores.append(char_accuracy(read, sample["meta"]["text"]))
+        examples.append((read, sample["meta"]["text"]))
+        if len(scores) == limit:
+            break
+    if not scores:
+        return None
+    return {"images": len(scores), "char_accuracy": sum(scores) / len(scores), "examples": examples[:4]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True)
@@ -69,6 +101,10 @@ def main():
               f"{r['rel_err_spare']:.3f} | cells decoded exactly {r['cells_exact']:.3f} (empty ones "
               f"{r['empty_read_empty']:.3f}) | occupied cells: colour {r['color']:.3f}, shape {r['shape']:.3f}, "
               f"size {r['size']:.3f}")
+        r = read_text_images(ckpt, args.data, args.limit)
+        if r:
+            print(f"{ckpt}: {r['images']} square text images | slots read back as spelled text: character accuracy "
+                  f"{r['char_accuracy']:.3f} | e.g. " + ", ".join(f"{a!r} for {b!r}" for a, b in r["examples"]))
 
 
 if __name__ == "__main__":

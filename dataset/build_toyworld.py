@@ -624,6 +624,28 @@ def render_text(spec: dict, rng: np.random.Generator) -> Image.Image:
     return add_noise(canvas, spec["background"], rng)
 
 
+def char_columns(spec: dict, n_columns: int) -> list[int | None]:
+    """Per character of a one-line text spec, the column (of n_columns equal ones across the image) that
+    render_text puts its centre in, None outside the image: where to read each character (the vision warm-up's
+    reading target). The same geometry as render_text: the centre of the character's advance in the unrotated
+    mask, turned about the mask's centre by the spec's angle."""
+    if len(spec["lines"]) != 1:
+        raise ValueError(f"char_columns reads one line of text, got {len(spec['lines'])}")
+    font, text = load_font(spec["font"], spec["font_size"]), spec["lines"][0]
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox(
+        (0, 0), text, font=font, spacing=4, align="center")
+    width, height = math.ceil(right - left) + 8, math.ceil(bottom - top) + 8
+    angle = math.radians(spec["angle"])
+    rotated = math.ceil(width * abs(math.cos(angle)) + height * abs(math.sin(angle)))  # PIL's expand=True width
+    centre = (spec["width"] - rotated) // 2 + spec["offset"][0] + rotated / 2
+    out = []
+    for i in range(len(text)):
+        x = (font.getlength(text[:i]) + font.getlength(text[:i + 1])) / 2 + 4 - left
+        column = int((centre + (x - width / 2) * math.cos(angle)) // (spec["width"] / n_columns))
+        out.append(column if 0 <= column < n_columns else None)
+    return out
+
+
 @cache
 def resampler(orig_rate: int):
     """torchaudio's windowed-sinc resampler with its kernel built once per process (building it costs more than

@@ -16,7 +16,7 @@ import zlib
 
 import torch
 
-from model.model_omni import AUDIO_PAD, IMAGE_PAD, IMAGE_START, VIDEO_PAD, VIDEO_START
+from model.model_omni import AUDIO_PAD, IMAGE_PAD, IMAGE_START, TEXT_SLOTS_FROM, VIDEO_PAD, VIDEO_START
 
 IGNORE_INDEX = -100
 MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
@@ -208,13 +208,22 @@ def spelled_path(n_chars: int, n_rows: int, doubled: list[bool], seed: int) -> l
     return path
 
 
-def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[str]) -> torch.Tensor | None:
+def spelled_rows(text: str) -> int:
+    """The fewest pad rows that spell text (a blank between two equal neighbours)."""
+    chars = text.lower()
+    return len(chars) + sum(a == b for a, b in zip(chars, chars[1:]))
+
+
+def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[str], pad_token: str = AUDIO_PAD,
+                        skip: int = 0) -> torch.Tensor | None:
     """[T] ids + per audio its transcript -> Long[T, W]: each audio's block of pad rows SPELLS its transcript as a CTC
     path (spelled_path: one character per row, held over some rows, with the pad token itself as the blank on the
     others); -1 elsewhere. What the text warm-up reads in place of speech, and the form the listen warm-up
-    (model/warmup_heads.ListenWarmup) teaches the audio projector to write. None when the pads do not form one block
-    per transcript with room for its path. Deterministic: the path is seeded by the transcript."""
-    pad = tokenizer.convert_tokens_to_ids(AUDIO_PAD)
+    (model/warmup_heads.ListenWarmup) teaches the audio projector to write; with pad_token IMAGE_PAD and skip
+    TEXT_SLOTS_FROM, the same for square text images over the slots after the first `skip` of each block (those
+    stand for the pad). None when the pads do not form one block per transcript with room for its path.
+    Deterministic: the path is seeded by the transcript."""
+    pad = tokenizer.convert_tokens_to_ids(pad_token)
     rows = torch.nonzero(input_ids == pad).flatten()                              # [n_pads]
     blocks = torch.tensor_split(rows, (torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1).tolist())
     if not len(rows) or len(blocks) != len(transcripts):
@@ -223,10 +232,10 @@ def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[st
     for block, text in zip(blocks, transcripts):
         chars = char_token_ids(tokenizer, text)
         doubled = [i > 0 and chars[i] == chars[i - 1] for i in range(len(chars))]
-        path = spelled_path(len(chars), len(block), doubled, zlib.crc32(text.encode()))
+        path = spelled_path(len(chars), len(block) - skip, doubled, zlib.crc32(text.encode()))
         if path is None:
             return None
-        words |= {row: chars[k] for row, k in zip(block.tolist(), path) if k >= 0}
+        words |= {row: chars[k] for row, k in zip(block[skip:].tolist(), path) if k >= 0}
     out = torch.full((len(input_ids), max(map(len, words.values()), default=1)), -1, dtype=torch.long)  # [T, W]
     out[rows, 0] = pad
     for row, ids in words.items():
@@ -236,12 +245,13 @@ def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[st
 
 
 def standin_ids(input_ids: torch.Tensor, tokenizer, slots: list[list[str]] | None, spelled: list[str] | None,
-                frames: list[list[str]] | None = None) -> torch.Tensor | None:
-    """Long[T, W]: the word ids behind a sample's image slots and video frame slots (slot_standin_ids) and its
-    spelled audio (spelled_standin_ids), -1 elsewhere; None if it has none of them."""
+                frames: list[list[str]] | None = None, read: list[str] | None = None) -> torch.Tensor | None:
+    """Long[T, W]: the word ids behind a sample's image slots and video frame slots (slot_standin_ids), its
+    spelled audio and its spelled text images (spelled_standin_ids), -1 elsewhere; None if it has none of them."""
     parts = [slot_standin_ids(input_ids, tokenizer, slots) if slots else None,
              slot_standin_ids(input_ids, tokenizer, frames, VIDEO_PAD) if frames else None,
-             spelled_standin_ids(input_ids, tokenizer, spelled) if spelled else None]
+             spelled_standin_ids(input_ids, tokenizer, spelled) if spelled else None,
+             spelled_standin_ids(input_ids, tokenizer, read, IMAGE_PAD, TEXT_SLOTS_FROM) if read else None]
     parts = [p for p in parts if p is not None]
     if not parts:
         return None

@@ -9,7 +9,7 @@ With standins=True, ToyWorld scenes (and clips, frame by frame) carry the word i
 (chat.standin_ids), the target of the stand-in loss (OmniModel.standin_loss), and the slots each question must read
 (the lookup loss's target, OmniModel.lookup_loss); once the model spells speech (config.spelling_ids), each audio
 clip also carries its transcript's characters (chat.spelling_targets, the listen loss's target,
-OmniModel.listen_loss).
+OmniModel.listen_loss) and each square text image its text's (the reading loss's, OmniModel.reading_loss).
 (With DataLoader workers, load-time skips are counted in the workers' copies; the warnings still show them.)
 """
 import json
@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.chat import (IGNORE_INDEX, MARKERS, SampleError, conversation_messages, count_markers,
-                          lookup_targets, spelling_targets, standin_ids, tokenize_conversation)
+                          lookup_targets, spelled_rows, spelling_targets, standin_ids, tokenize_conversation)
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
-from dataset.toyworld_text import describe_media, frame_slots, queried_slots, scene_slots
+from dataset.toyworld_text import describe_media, frame_slots, queried_slots, scene_slots, text_image_reading
+from model.model_omni import TEXT_SLOTS_FROM
 
 MEDIA_KEYS = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -171,6 +172,10 @@ class OmniDataset(Dataset):
         spelling = self.config.spelling_ids
         if spelling and transcripts and len(transcripts) == len(out.get("audio_features", [])):  # one chunk each
             out["audio_spelling"] = [spelling_targets(self.tokenizer, text, spelling) for text in transcripts]
+        read = text_image_reading(sample) if self.standins else None
+        fits = read and spelled_rows(read[0]) <= self.config.query_num - TEXT_SLOTS_FROM  # as the text warm-up
+        if spelling and fits and len(out.get("pixel_values", [])) == 1:  # a square text image is one slice
+            out["image_spelling"] = [spelling_targets(self.tokenizer, read[0], spelling)]
         return dict(out, **speech, input_ids=input_ids, labels=labels)
 
     def _speech(self, turn: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -243,11 +248,12 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
         for b, x in enumerate(standins):
             if x is not None:
                 batch["standin_ids"][b, :x.shape[0], :x.shape[1]] = x
-    if any("audio_spelling" in s for s in samples):  # [N_chunks, Lmax] + [N_chunks] lengths, 0 = no transcript
-        targets = [t for s in samples for t in s.get("audio_spelling", [torch.zeros(0, dtype=torch.long)] *
-                                                   len(s.get("audio_features", [])))]
-        batch["audio_spelling"] = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
-        batch["audio_spelling_lens"] = torch.tensor([len(t) for t in targets])
+    for kind, media in (("audio", "audio_features"), ("image", "pixel_values")):
+        if any(f"{kind}_spelling" in s for s in samples):  # [N_chunks / N_slices, Lmax] + lengths, 0 = no text
+            targets = [t for s in samples for t in s.get(f"{kind}_spelling", [torch.zeros(0, dtype=torch.long)] *
+                                                         len(s.get(media, [])))]
+            batch[f"{kind}_spelling"] = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
+            batch[f"{kind}_spelling_lens"] = torch.tensor([len(t) for t in targets])
     spoken = [s["speech_codes"] for s in samples if "speech_codes" in s]
     if spoken:  # rows without a speech target keep speech_lens 0
         batch["speech_codes"] = torch.zeros(B, spoken[0].shape[0], max(c.shape[1] for c in spoken),

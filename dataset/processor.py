@@ -30,14 +30,15 @@ class OmniProcessor:
 
     def sample(self, messages: list[dict], images=(), audios=(), videos=(), enable_thinking=False,
                media_as_text: dict[str, list[str]] | None = None, standin_slots: list[list[str]] | None = None,
-               standin_spelled: list[str] | None = None, standin_frames: list[list[str]] | None = None) -> dict:
+               standin_spelled: list[str] | None = None, standin_frames: list[list[str]] | None = None,
+               standin_read: list[str] | None = None) -> dict:
         """One prompt in the dataset's sample format (collate several for a batch).
 
         messages use <image>/<audio>/<video> markers in order; images are PIL images or paths, audios are paths
         or 16 kHz mono waveforms, videos are GIF/WebP/mp4 paths or frame folders. media_as_text fills the markers
         with text instead ({kind: [text per marker]}, e.g. stage_utils.standin_expansions); standin_slots,
-        standin_spelled and standin_frames give the word stand-ins of the image, audio and video pads media_as_text
-        put there (the same function's other results)."""
+        standin_spelled, standin_frames and standin_read give the word stand-ins of the image, audio, video and text
+        image pads media_as_text put there (the same function's other results)."""
         sample, expansions = {}, {"image": [], "audio": [], "video": []} | (media_as_text or {})
         for img in images:
             tensors, grid_hw, text = image_inputs(img if isinstance(img, Image.Image) else load_image(img), self.config)
@@ -62,7 +63,8 @@ class OmniProcessor:
         ids = build_prompt(messages, self.tokenizer, enable_thinking, expansions)
         sample["input_ids"] = torch.tensor(ids, dtype=torch.long)
         sample["labels"] = torch.full_like(sample["input_ids"], -100)
-        words = standin_ids(sample["input_ids"], self.tokenizer, standin_slots, standin_spelled, standin_frames)
+        words = standin_ids(sample["input_ids"], self.tokenizer, standin_slots, standin_spelled, standin_frames,
+                            standin_read)
         if words is not None:
             sample["standin_ids"] = words
         return sample

@@ -398,6 +398,15 @@ def queried_slots(sample: dict, max_frames: int) -> list[Lookup | None]:
     return [None if c is None else ((0, c), (0, c)) for c in cells]
 
 
+def text_image_reading(sample: dict) -> list[str] | None:
+    """[the text] of a sample whose one image is square rendered text (ToyWorld's OCR square layout: one word or
+    number), the text its slots spell; None for anything else (wide and tall text images are sliced)."""
+    meta = sample.get("meta") or {}
+    if meta.get("layout") == "square" and "text" in meta and len(sample.get("images") or []) == 1:
+        return [meta["text"]]
+    return None
+
+
 def describe_media(sample: dict) -> dict[str, list[str]] | None:
     """{"image": [...], "audio": [...], "video": [...]} text stand-ins for a ToyWorld sample's media, in order
     (None when the sample carries no ToyWorld ground truth). A scene reads as its caption, rendered text as itself,

@@ -32,6 +32,10 @@ AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
 AUDIO_PAD = "<|audio_pad|>"
 MEDIA_TOKENS = [IMAGE_START, IMAGE_END, SLICE_START, SLICE_END, IMAGE_PAD,
                 VIDEO_START, VIDEO_END, VIDEO_PAD, AUDIO_START, AUDIO_END, AUDIO_PAD]
+# Tiny recipe: a square text image is spelled over the slots from this one on, the ones a ToyWorld scene leaves
+# spare after its 9 cells (its first slots hold the pad's code), so the queries that read cells and the ones that
+# spell never share a target. (What kept the scenes alive was weighting the reading loss down: docs/experiments.md.)
+TEXT_SLOTS_FROM = 9
 
 
 # ----------------------------------------------------------------------------- config
@@ -289,6 +293,8 @@ class MediaInputs:
     standin_ids: torch.Tensor | None = None         # [B, T, W] word ids a row stands for, -1 = none (see embed_inputs)
     audio_spelling: torch.Tensor | None = None      # [N_chunks, L] each chunk's spelled transcript (see listen_loss)
     audio_spelling_lens: torch.Tensor | None = None  # [N_chunks], 0 = no transcript
+    image_spelling: torch.Tensor | None = None      # [N_slices, L] each slice's spelled text (see reading_loss)
+    image_spelling_lens: torch.Tensor | None = None  # [N_slices], 0 = none
 
 
 class OmniModel(nn.Module):
@@ -315,6 +321,7 @@ class OmniModel(nn.Module):
         self.speech_weight = 1.0   # loss = text loss + speech_weight * talker loss (train_sft_omni.py --speech_weight)
         self.standin_weight = 0.0  # + standin_weight * stand-in loss (stage scripts' --standin_weight)
         self.lookup_weight = 0.0   # + lookup_weight * lookup loss (stage scripts' --lookup_weight)
+        self.reading_weight = 0.0  # + reading_weight * reading loss (stage scripts' --reading_weight)
         self._word_codes = None    # the stand-ins' fixed word vectors, built on first use (word_codes)
 
     def add_talker(self, config: TalkerConfig) -> "OmniModel":
@@ -358,10 +365,12 @@ class OmniModel(nn.Module):
             self._word_codes = codes.to(device)
         return self._word_codes
 
-    def spelling_codes(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[C+1, D]: the audio pad's word code (the blank), then each spelling character's (config.spelling_ids)."""
+    def spelling_codes(self, device: torch.device | str = "cpu", blank_id: int | None = None) -> torch.Tensor:
+        """[C+1, D]: the blank's word code (the audio pad's unless blank_id says: the image pad's for text images),
+        then each spelling character's (config.spelling_ids)."""
         codes = self.word_codes(device)
-        return torch.stack([codes[self.config.audio_pad_id]] + [codes[ids].sum(0) for ids in self.config.spelling_ids])
+        blank = self.config.audio_pad_id if blank_id is None else blank_id
+        return torch.stack([codes[blank]] + [codes[ids].sum(0) for ids in self.config.spelling_ids])
 
     def embed_inputs(self, input_ids: torch.Tensor, media: MediaInputs) -> torch.Tensor:
         """[B, T] ids -> [B, T, D] embeddings with every placeholder row replaced by its media embedding, or by
@@ -434,12 +443,34 @@ class OmniModel(nn.Module):
                              self.spelling_codes(tokens.device), media.audio_spelling[has],
                              media.audio_spelling_lens[has])
 
+    def reading_loss(self, input_ids: torch.Tensor, embeds: torch.Tensor, media: MediaInputs) -> torch.Tensor | None:
+        """text_slots_loss of the slots of image slices that carry a spelled text (square text images; None if
+        none): keeps the resampler writing the text's characters as the slots warm-up taught it, as listen_loss
+        does for the audio projector."""
+        has = media.image_spelling_lens > 0                                           # [N_slices]
+        if not has.any():
+            return None
+        slots = embeds[input_ids == self.config.image_pad_id].view(len(has), -1, embeds.shape[-1])[has]  # [n, Q, D]
+        return self.text_slots_loss(slots, media.image_spelling[has], media.image_spelling_lens[has])
+
+    def text_slots_loss(self, slots: torch.Tensor, spelling: torch.Tensor, spelling_lens: torch.Tensor) -> torch.Tensor:
+        """Square text images' slots [n, Q, D] vs their texts (spelling [n, L], 1-based classes of
+        config.spelling_ids): spelling_loss over the slots from TEXT_SLOTS_FROM on, the image pad's code the blank,
+        plus the pull of the slots before them onto that code."""
+        codes = self.spelling_codes(slots.device, self.config.image_pad_id)            # [C+1, D]
+        spelled = slots[:, TEXT_SLOTS_FROM:]                                           # [n, Q - 9, D]
+        n_rows = torch.full((len(slots),), spelled.shape[1], device=slots.device)
+        blank = codes[0].expand_as(slots[:, :TEXT_SLOTS_FROM])
+        return (spelling_loss(spelled, n_rows, codes, spelling, spelling_lens)
+                + relative_error(slots[:, :TEXT_SLOTS_FROM], blank))
+
     def forward(self, input_ids, attention_mask=None, labels=None, speech_codes=None, speech_lens=None,
                 speech_voices=None, speech_text_mask=None, lookup_slots=None, **media) -> dict:
         """Next-token loss over labelled positions only; logits are computed only where labels exist.
         With speech targets (speech_*: see speech_loss) the talker's loss is added, times speech_weight; with
         images and their word stand-ins and a resampler that trains, the stand-in loss, times standin_weight (and
-        with spelled transcripts and an audio projector that trains, the listen loss, times the same); with
+        with spelled transcripts and an audio projector that trains, the listen loss, times the same; with spelled
+        text images, the reading loss, times reading_weight); with
         lookup targets (lookup_slots: see lookup_loss), the lookup loss, times lookup_weight."""
         media = MediaInputs(**media)
         embeds = self.embed_inputs(input_ids, media)
@@ -461,6 +492,11 @@ class OmniModel(nn.Module):
         if standin_loss is not None:
             out["standin_loss"] = standin_loss
             loss = loss + self.standin_weight * standin_loss
+        reads = learns and self.reading_weight and self.config.spelling_ids and media.image_spelling is not None
+        reading_loss = self.reading_loss(input_ids, embeds, media) if reads else None
+        if reading_loss is not None:
+            out["reading_loss"] = reading_loss
+            loss = loss + self.reading_weight * reading_loss
         listens = (self.standin_weight and self.config.spelling_ids and media.audio_spelling is not None
                    and self.audio_projector.linear1.weight.requires_grad)
         listen_loss = self.listen_loss(input_ids, embeds, media) if listens else None

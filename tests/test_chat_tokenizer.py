@@ -13,7 +13,7 @@ from dataset.chat import (IGNORE_INDEX, SampleError, build_prompt, char_token_id
 from dataset.omni_dataset import collate, left_pad
 from dataset.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_PAD,
-                              VIDEO_END, VIDEO_START, OmniConfig)
+                              TEXT_SLOTS_FROM, VIDEO_END, VIDEO_START, OmniConfig)
 
 SAMPLES = [
     {"conversations": [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
@@ -190,6 +190,20 @@ def test_spelled_standins_spell_each_transcript_over_its_audio_pads(tok):
     assert [[i for i in both[r].tolist() if i >= 0] for r in rows] == spelled
     assert both[image_rows[0]].tolist()[:2] == tok(" red circle", add_special_tokens=False)["input_ids"]
     assert standin_ids(ids, tok, None, []) is None
+
+
+def test_a_square_text_image_is_spelled_over_the_slots_a_scene_leaves_spare(tok):
+    """A text image's 16 pads: the first TEXT_SLOTS_FROM stand for the pad itself, the rest spell the text as a
+    CTC path (the pad the blank); a text needing more rows than are left gives None."""
+    sample = {"conversations": [{"role": "user", "content": "<image>\nRead the text."},
+                                {"role": "assistant", "content": "Cat"}], "images": ["a.png"]}
+    ids, _ = tokenize_conversation(sample, tok, {"image": [IMAGE_START + IMAGE_PAD * 16 + IMAGE_END]})
+    out = standin_ids(ids, tok, None, None, read=["Cat"])
+    pad = tok.convert_tokens_to_ids(IMAGE_PAD)
+    spelled = [[i for i in out[r].tolist() if i >= 0] for r in torch.nonzero(ids == pad).flatten()]
+    assert spelled[:TEXT_SLOTS_FROM] == [[pad]] * TEXT_SLOTS_FROM
+    assert ctc_collapse(spelled[TEXT_SLOTS_FROM:], [pad]) == char_token_ids(tok, "cat")
+    assert standin_ids(ids, tok, None, None, read=["elephant"]) is None  # 8 characters, 7 rows
 
 
 def test_a_clip_stands_in_frame_by_frame(tok):

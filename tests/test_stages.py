@@ -20,14 +20,14 @@ import eval_omni
 import train_pretrain_omni
 import train_sft_omni
 from dataset.build_toyworld import build
-from dataset.chat import char_token_ids, spelled_length
+from dataset.chat import char_token_ids, spelled_length, spelled_rows
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, pack_rows
-from model.model_omni import OmniConfig, OmniModel, relative_error
-from model.warmup_heads import ListenWarmup, SlotWarmup
+from model.model_omni import TEXT_SLOTS_FROM, MediaInputs, OmniConfig, OmniModel, relative_error, spelling_loss
+from model.warmup_heads import ListenWarmup, SlotWarmup, VisionWarmup
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import cell_texts, frame_slots
-from stage_utils import (AudioWarmupData, SlotWarmupData, TextDataset, build_model, collate_audio, collate_slots,
-                         omni_data, set_trainable, warmup_data)
+from stage_utils import (AudioWarmupData, SlotWarmupData, TextDataset, VisionWarmupData, build_model, charset,
+                         collate_audio, collate_slots, collate_vision, omni_data, set_trainable, warmup_data)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4", "--log_every", "1"]
@@ -47,8 +47,9 @@ def chain(world, tmp_path_factory):
     out, init = tmp_path_factory.mktemp("stages"), []
     data = ["--data", str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]
     for stage in STAGES:
+        reading = ["--text_images", "16"] if stage in ("vision", "slots") else []
         train_pretrain_omni.main(["--stage", stage, "--out", str(out / stage), "--max_steps", "2", *data, *init,
-                                  *FAST])
+                                  *reading, *FAST])
         init = ["--init", str(out / stage)]
     train_sft_omni.main(["--out", str(out / "sft"), "--max_steps", "2", "--data", str(world / "sft.jsonl"),
                          *init, *FAST])
@@ -72,7 +73,7 @@ def test_every_stage_saves_a_loadable_checkpoint(chain):
         assert (folder / "tokenizer.json").is_file() and (folder / "step_2").is_dir()
         model = OmniModel.from_pretrained(str(folder))
         assert model.config.reads_standins == (stage not in ("vision", "audio"))
-        assert (model.config.spelling_ids is not None) == (stage in ("listen", "align", "joint", "sft"))
+        assert (model.config.spelling_ids is not None) == (stage in ("slots", "listen", "align", "joint", "sft"))
 
 
 def test_each_stage_trains_only_its_components(chain):
@@ -97,8 +98,9 @@ def slot_words(tokenizer, standin_ids: torch.Tensor) -> list[str]:
 
 def test_text_warmup_reads_media_as_their_ground_truth(world):
     """The text stage replaces each medium by what it shows: a scene by one slot per grid cell holding that cell's
-    words, speech by audio pads spelling its transcript, the other media by text between their start/end tokens;
-    answers stay the only trained tokens. Checked against the jsonl's own ground truth for every family."""
+    words, speech by audio pads spelling its transcript, a square text image by its slots spelling the text (after
+    the 9 a scene's cells use), the other media by text between their start/end tokens; answers stay the only trained tokens. Checked against the
+    jsonl's own ground truth for every family."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY)
     audio_pad, image_pad, video_pad = (tokenizer.convert_tokens_to_ids(t)
@@ -109,12 +111,18 @@ def test_text_warmup_reads_media_as_their_ground_truth(world):
         text = tokenizer.decode(item["input_ids"])
         meta, task = sample["meta"], sample["task"]
         seen.add(task)
-        if sample.get("audios"):  # a CTC path of its characters: merge repeated rows, drop the pad (the blank)
-            rows = [[i for i in row.tolist() if i >= 0] for row in item["standin_ids"][item["input_ids"] == audio_pad]]
-            assert len(rows) == spelled_length(meta["transcript"])
-            runs = [ids for ids, _ in itertools.groupby(rows) if ids != [audio_pad]]
-            assert tokenizer.decode(sum(runs, [])) == meta["transcript"].lower()
-        if task == "ocr":
+        def spelled(pad: int) -> str:  # a CTC path of characters: merge repeated rows, drop the pad (the blank)
+            rows = [[i for i in row.tolist() if i >= 0] for row in item["standin_ids"][item["input_ids"] == pad]]
+            return tokenizer.decode(sum([ids for ids, _ in itertools.groupby(rows) if ids != [pad]], []))
+
+        if sample.get("audios"):
+            assert (item["input_ids"] == audio_pad).sum() == spelled_length(meta["transcript"])
+            assert spelled(audio_pad) == meta["transcript"].lower()
+        if task == "ocr" and meta["layout"] == "square" and spelled_rows(meta["text"]) <= 16 - TEXT_SLOTS_FROM:
+            assert text.count("<image>" + "<|image_pad|>" * 16 + "</image>") == 1
+            assert spelled(image_pad) == meta["text"].lower()
+            seen.add("square text")
+        elif task == "ocr":  # wide and tall text images are sliced, a longer text does not fit: text
             assert f"<image>{meta['text']}</image>" in text
         elif task == "video":  # at most 4 frames, each 16 slots: its cells' words, then spare (the image pad)
             frames = frame_slots(sample, 4)
@@ -136,7 +144,7 @@ def test_text_warmup_reads_media_as_their_ground_truth(world):
                 assert sum(len(c.split()) > 2 for c in cells) == len(scene["objects"])  # empty cells: position only
         answer = tokenizer.decode(item["labels"][item["labels"] >= 0])
         assert answer.endswith(sample["conversations"][-1]["content"].split("</think>")[-1].strip() + "<|im_end|>")
-    assert seen >= {"asr", "ocr", "multi_image", "video", "color", "audio_qa"}
+    assert seen >= {"asr", "ocr", "square text", "multi_image", "video", "color", "audio_qa"}
 
 
 def test_text_warmup_adds_generated_scene_questions(world):
@@ -226,6 +234,9 @@ def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
         if standins.slots:  # scenes: every image pad is a slot standing for its cell's words (or the pad itself)
             assert text.count("<|image_pad|>") == 16 * len(standins.slots)
             assert slot_words(processor.tokenizer, one["standin_ids"][image_rows])[:9] == standins.slots[0]
+        elif standins.read:  # a square text image: its 16 pads spell the text
+            assert standins.read == [sample["meta"]["text"]] and text.count("<|image_pad|>") == 16
+            assert (one["standin_ids"][image_rows] >= 0).any(-1).all()
         else:
             assert "<|image_pad|>" not in text
         if standins.frames:  # clips: each frame's pads stand for its cells
@@ -241,7 +252,7 @@ def test_bench_with_standins_feeds_descriptions_not_media(chain, world):
                 "<|audio_pad|>")] >= 0).any(-1).all()
         else:
             assert "<|audio_pad|>" not in text
-        if sample["task"] == "ocr":
+        if sample["task"] == "ocr" and not standins.read:
             assert sample["meta"]["answer"] in text
     results, _ = eval_omni.run_bench(model, processor, str(world / "test.jsonl"), standins=True)
     assert set(results["tasks"]) == {sample["task"] for sample, *_ in items}
@@ -336,21 +347,93 @@ def adam_steps(loss_fn, params, steps: int, lr: float = 2e-3) -> list[float]:
     return losses
 
 
+def test_vision_warmup_learns_to_read_generated_text_images(world):
+    """The vision warm-up's text images: each column's target is the character centred there, so the targets read
+    left to right spell the text (a character sharing a column with the next one is the only loss); a scene has no
+    reading target and a text image no cells; a few dozen steps on a fixed batch of text images cut the reading
+    loss by half, and a mixed batch's loss is the scenes' cell loss plus the text images' reading loss."""
+    torch.manual_seed(0)
+    paths = [str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]
+    data = VisionWarmupData(paths, 4, charset(paths), text_images=8, columns=16)
+    texts = [i for i, item in enumerate(data.items) if item[0] == "text"]
+    assert len(texts) == 8
+    spelled = 0
+    for i in texts:
+        (_, cells, columns), = data[i]
+        assert (cells == -100).all()
+        read = "".join(data.chars[c - 1] for c in columns.tolist() if c > 0)
+        spelled += read == data.items[i][2]["lines"][0].lower().replace(" ", "")
+    assert spelled >= 6
+    (_, cells, columns), = data[0]
+    assert data.items[0][0] == "scene" and (columns == -100).all() and (cells >= 0).all()
+    net = VisionWarmup(OmniModel(OmniConfig.preset("tiny")).vision_tower, 112, len(data.chars))
+    batch = collate_vision([data[i] for i in texts])
+    begin = net(**batch)["loss"].item()
+    adam_steps(lambda: net(**batch)["loss"], net.parameters(), 30)
+    assert net(**batch)["loss"].item() < 0.5 * begin
+    net.eval()
+    mixed, scenes = collate_vision([data[i] for i in [0, 1] + texts[:2]]), collate_vision([data[0], data[1]])
+    only_texts = collate_vision([data[i] for i in texts[:2]])
+    assert torch.allclose(net(**mixed)["loss"], net(**scenes)["loss"] + net(**only_texts)["loss"], atol=1e-5)
+
+
 def test_slot_warmup_fits_the_resampler_alone(world):
-    """A few dozen steps on 8 scenes halve the slots' distance to their stand-ins (which parts train in the real
-    stage: test_each_stage_trains_only_its_components)."""
+    """A few dozen steps on 8 scenes and 8 square text images halve the slots' distance to their stand-ins and cut
+    the text images' spelling loss (which parts train in the real stage: test_each_stage_trains_only_its_components)."""
     torch.manual_seed(0)
     model = OmniModel(OmniConfig.preset("tiny"))
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     model.config.set_token_ids(tokenizer)
+    paths = [str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]
+    model.config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in charset(paths)]
     set_trainable(model, ["resampler"])
-    data = SlotWarmupData([str(world / "pretrain.jsonl"), str(world / "sft.jsonl")], tokenizer, model.config,
-                          model.vision_tower)
-    assert len(data) >= 8
-    batch = collate_slots([data[i] for i in range(8)])
+    model.reading_weight = 1.0
+    data = SlotWarmupData(paths, tokenizer, model.config, model.vision_tower, text_images=8)
+    scenes = [i for i, item in enumerate(data.items) if item[1] == "scene"][:8]
+    texts = [i for i, item in enumerate(data.items) if item[1] == "text"][:8]
+    assert len(scenes) == len(texts) == 8
+    batch = collate_slots([data[i] for i in scenes + texts])
     net = SlotWarmup(model)
-    losses = adam_steps(lambda: net(**batch)["loss"], model.resampler.parameters(), 40)
-    assert losses[-1] < 0.5 * losses[0]
+    begin = net(**batch)
+    adam_steps(lambda: net(**batch)["loss"], model.resampler.parameters(), 40)
+    end = net(**batch)
+    assert end["standin_loss"] < 0.5 * begin["standin_loss"] and end["reading_loss"] < 0.5 * begin["reading_loss"]
+
+
+def test_slot_warmup_spells_what_align_spells(chain, world):
+    """Square text images: the slots stage's target for each (its text as classes of config.spelling_ids) is the
+    one align's batches give its slice (OmniDataset image_spelling; other slices get length 0); both decode to the
+    text; align's reading loss is spelling_loss on the resampler's output for that slice after its first 9 slots,
+    the image pad's code the blank, plus the pull of those 9 onto that code."""
+    model, tokenizer = OmniModel.from_pretrained(str(chain / "slots")), load_tokenizer(str(chain / "slots"))
+    spelling = model.config.spelling_ids
+    set_trainable(model, ["resampler"])
+    slots = SlotWarmupData([str(world / "pretrain.jsonl")], tokenizer, model.config, model.vision_tower)
+    aligned = OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024, standins=True)
+    texts = [k for k, (_, s) in enumerate(aligned.records) if s["task"] == "ocr" and s["meta"]["layout"] == "square"
+             and spelled_rows(s["meta"]["text"]) <= 7]
+    caption = next(k for k, (_, s) in enumerate(aligned.records) if s["task"] == "caption")
+    assert texts
+    for k in texts:
+        sample = aligned.records[k][1]
+        item = next(slots[j][0] for j, (p, kind, _) in enumerate(slots.items) if p == str(world / sample["images"][0]))
+        target = aligned[k]["image_spelling"][0]
+        assert torch.equal(item["spelling"], target)
+        assert "".join(tokenizer.decode(spelling[c - 1]) for c in target.tolist()) == sample["meta"]["text"].lower()
+    items = [aligned[texts[0]], aligned[caption]]
+    batch = collate(items, tokenizer.pad_token_id)
+    assert batch["image_spelling_lens"].tolist() == [len(items[0]["image_spelling"][0]), 0]
+    model.eval()
+    with torch.no_grad():
+        media = {k: v for k, v in batch.items() if k in inspect.signature(MediaInputs).parameters}
+        embeds = model.embed_inputs(batch["input_ids"], MediaInputs(**media))
+        got = model.reading_loss(batch["input_ids"], embeds, MediaInputs(**media))
+        slots_of_text = model.embed_images(batch["pixel_values"][:1], batch["image_grid_hw"][:1])[0]  # [Q, D]
+        codes = model.spelling_codes(blank_id=model.config.image_pad_id)
+        want = (spelling_loss(slots_of_text[None, 9:], torch.tensor([7]), codes, batch["image_spelling"][:1],
+                              batch["image_spelling_lens"][:1])
+                + relative_error(slots_of_text[:9], codes[0].expand(9, -1)))
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_slots_and_listen_run_each_item_through_the_frozen_tower_once(world):
@@ -363,7 +446,8 @@ def test_slots_and_listen_run_each_item_through_the_frozen_tower_once(world):
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     model.config.set_token_ids(tokenizer)
     set_trainable(model, ["resampler", "audio_projector"])
-    args = argparse.Namespace(data=[str(world / "pretrain.jsonl"), str(world / "sft.jsonl")], batch_size=4, seed=0)
+    args = argparse.Namespace(data=[str(world / "pretrain.jsonl"), str(world / "sft.jsonl")], batch_size=4, seed=0,
+                              text_images=0)
     rows = []
     for tower in (model.vision_tower, model.audio_tower):
         tower.register_forward_hook(lambda _, inputs, __: rows.append(len(inputs[0])))
@@ -373,7 +457,7 @@ def test_slots_and_listen_run_each_item_through_the_frozen_tower_once(world):
     assert sum(rows) == sum(len(slots[i]) for i in range(len(slots))) + len(clips)
 
     rows.clear()
-    picked = [0, next(i for i, item in enumerate(slots.items) if item[1]), 1]   # a scene, a clip's 4 frames, a scene
+    picked = [0, next(i for i, item in enumerate(slots.items) if item[1] == "clip"), 1]  # scene, clip's 4 frames, scene
     batch = collate_scenes([slots[i] for i in picked])
     loss = SlotWarmup(model)(**batch)["loss"]
     pixels = torch.cat([slots._pixels(i) for i in picked])                      # [6, 3, S, S]

@@ -269,3 +269,25 @@ def test_follow_up_questions_answer_from_their_scene(lang):
             named = B.word(lang, obj["color"], T.COLORS) in question
             assert cell is None
             assert answer == T.answer(lang, "1" if named else "0")
+
+
+def test_char_columns_point_at_the_ink_of_each_character():
+    """The vision warm-up's reading targets: for square text images as ToyWorld renders them (any font, size,
+    angle, offset), every character's column holds text-coloured pixels, the columns run left to right, and the
+    first and last characters sit within an em of the two ends of the drawn text."""
+    rng, noise = random.Random(3), np.random.default_rng(3)
+    for i in range(40):
+        spec = B.gen_ocr(rng, "en", 4 * i, False)[0]["images"][0]
+        image = np.asarray(B.render_text(spec, noise), dtype=np.float32)                # [H, W, 3]
+        to_text = np.linalg.norm(image - np.array(spec["color"]), axis=-1)
+        to_background = np.linalg.norm(image - np.array(spec["background"]["rgb"]), axis=-1)
+        ink = np.nonzero((to_text < to_background).any(0))[0]                          # x of text-coloured pixels
+        columns = B.char_columns(spec, 16)
+        width = spec["width"] / 16
+        assert None not in columns and columns == sorted(columns), (spec["lines"], columns)
+        for ch, column in zip(spec["lines"][0], columns):
+            if ch != " ":
+                assert ((ink >= column * width) & (ink < (column + 1) * width)).any(), (spec["lines"], ch, column)
+        em = spec["font_size"]  # no glyph is wider than this: its centre lies within an em of the text's ends
+        assert ink.min() < (columns[0] + 1) * width and columns[0] * width < ink.min() + em
+        assert columns[-1] * width < ink.max() and ink.max() - em < (columns[-1] + 1) * width
