@@ -548,6 +548,7 @@ def test_lora_merged_checkpoint_gives_the_lora_models_loss(chain, world, tmp_pat
     assert any("lora_B" in k for k in load_file(str(out / "step_2" / "model.safetensors")))
     merged = OmniModel.from_pretrained(str(out))
     merged.standin_weight, merged.lookup_weight = args.standin_weight, args.lookup_weight  # the trained objective
+    merged.reading_weight = args.reading_weight
     assert not any("lora" in k for k in merged.state_dict())
     dataset, collate_fn, _ = omni_data(args, merged.config, tokenizer)
     batch = collate_fn([dataset[i] for i in range(8)])
