@@ -50,7 +50,7 @@ def add_model_args(parser, data: list[str], tasks: str = ""):
     g.add_argument("--standin_weight", type=float, default=1.0,
                    help="weight of the stand-in loss: ToyWorld image slots pulled towards their cells' word codes "
                         "(0 = off; only after the tiny text warm-up, whose LLM learned to read them)")
-    g.add_argument("--reading_weight", type=float, default=0.02,
+    g.add_argument("--reading_weight", type=float, default=0.05,
                    help="weight of the reading loss: a square ToyWorld text image's slots spell its text (0 = off; "
                         "once the model spells). Small: its gradient is ~50x the stand-in loss's, and at 1 the shared "
                         "resampler stopped reading scenes (docs/experiments.md)")
