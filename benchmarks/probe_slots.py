@@ -5,8 +5,8 @@ For each single-scene image the resampler's first 9 slots are compared with thei
 position (empty, or one of 6 colours x 4 shapes x 2 sizes). Prints the relative squared error (the stand-in loss,
 over cell slots and spare slots separately) and how often the decoded cell is right. For each square text image
 (once the model spells: config.spelling_ids) its slots from TEXT_SLOTS_FROM on are read as the text warm-up's
-spelled stand-ins are written: each slot's nearest spelling code (the image pad's code the blank), repeats merged, blanks dropped; scored
-against the text by character accuracy (1 - CER, as eval_omni scores OCR).
+spelled stand-ins are written: each slot's nearest spelling code (the image pad's code the blank), repeats merged,
+blanks dropped; scored against the text by character accuracy (1 - CER, as eval_omni scores OCR).
 
     python benchmarks/probe_slots.py --ckpt out/demo/slots out/demo/align --data data/toyworld/test.jsonl
 """

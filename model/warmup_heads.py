@@ -76,7 +76,8 @@ class VisionWarmup(nn.Module):
             logits = self.cell_head(self.pool @ feats[scenes]).split(list(CELL_FIELDS.values()), -1)  # [n, 9, c]
             for k, (name, field_logits) in enumerate(zip(CELL_FIELDS, logits)):
                 target = cells[scenes][..., k]
-                loss = loss + FIELD_WEIGHTS[name] * F.cross_entropy(field_logits.flatten(0, 1).float(), target.flatten())
+                ce = F.cross_entropy(field_logits.flatten(0, 1).float(), target.flatten())
+                loss = loss + FIELD_WEIGHTS[name] * ce
                 out[f"acc_{name}"] = (field_logits.argmax(-1) == target).float().mean()
         texts = ~scenes
         if texts.any():

@@ -99,8 +99,8 @@ def slot_words(tokenizer, standin_ids: torch.Tensor) -> list[str]:
 def test_text_warmup_reads_media_as_their_ground_truth(world):
     """The text stage replaces each medium by what it shows: a scene by one slot per grid cell holding that cell's
     words, speech by audio pads spelling its transcript, a square text image by its slots spelling the text (after
-    the 9 a scene's cells use), the other media by text between their start/end tokens; answers stay the only trained tokens. Checked against the
-    jsonl's own ground truth for every family."""
+    the 9 a scene's cells use), the other media by text between their start/end tokens; answers stay the only
+    trained tokens. Checked against the jsonl's own ground truth for every family."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY)
     audio_pad, image_pad, video_pad = (tokenizer.convert_tokens_to_ids(t)
