@@ -2,7 +2,7 @@ r"""Probe (not part of the demo): can the tiny recipe give rendered text a path 
 
 Speech reaches the tiny LLM spelled: the audio tower learns letters by CTC, then the audio projector learns to
 write each clip's characters as fixed codes (warmup_heads.ListenWarmup). Before stop 26 OCR had no such path
-(held-out ocr 0.04-0.08 in every demo), and a CTC head on the vision tower never left the character prior. This
+(held-out ocr 0.04-0.08 in every demo), and a CTC head on the vision tower had not left the character prior. This
 probe measures the two halves of a spelled path for ToyWorld's square OCR images (a word or a number, rotated up to
 8 degrees, anywhere in the image; drawn fresh every step by the dataset's own generator and renderer):
 
