@@ -19,16 +19,16 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from dataset.build_toyworld import (ASK, char_columns, follow_up_questions, gen_asr, gen_ocr, gen_scene_qa, gen_video,
                                     render_text)
-from dataset.chat import (MARKERS, lookup_targets, slot_standin_ids, spelled_length, spelled_rows, spelling_targets,
-                          standin_ids, tokenize_conversation)
+from dataset.chat import (MARKERS, fits_text_slots, lookup_targets, slot_standin_ids, spelled_length,
+                          spelling_targets, standin_ids, tokenize_conversation)
 from dataset.media import audio_features, image_to_tensor, load_image, read_video, video_placeholder
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import (describe_media, frame_objects, frame_slots, queried_slots, scene_slots,
                                    text_image_reading)
 from model.lora import apply_lora, merge_lora
-from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, TEXT_SLOTS_FROM,
-                              VIDEO_END, VIDEO_START, OmniConfig, OmniModel)
+from model.model_omni import (AUDIO_END, AUDIO_PAD, AUDIO_START, IMAGE_END, IMAGE_PAD, IMAGE_START, VIDEO_END,
+                              VIDEO_START, OmniConfig, OmniModel)
 from model.warmup_heads import CELL_FIELDS, READ_COLUMNS_PER_PATCH
 from trainer import cleanup_distributed, is_main
 
@@ -196,7 +196,7 @@ def standin_expansions(sample: dict, config: OmniConfig) -> Standins | None:
     else:
         slots = None
     read = text_image_reading(sample)
-    if read and spelled_rows(read[0]) <= q - TEXT_SLOTS_FROM:
+    if read and fits_text_slots(read[0], q):
         described["image"] = [IMAGE_PAD * q]
     else:
         read = None
@@ -475,7 +475,7 @@ class SlotWarmupData(Dataset):
 
     def _spellable(self, text: str) -> bool:
         """Every character is one of config.spelling_ids and the slots have room for the spelled path."""
-        return (spelled_rows(text) <= self.config.query_num - TEXT_SLOTS_FROM
+        return (fits_text_slots(text, self.config.query_num)
                 and len(spelling_targets(self.tokenizer, text, self.config.spelling_ids)) == len(text))
 
     def _pixels(self, i) -> torch.Tensor:

@@ -214,6 +214,12 @@ def spelled_rows(text: str) -> int:
     return len(chars) + sum(a == b for a, b in zip(chars, chars[1:]))
 
 
+def fits_text_slots(text: str, query_num: int) -> bool:
+    """A square text image's text can be spelled over the slots from TEXT_SLOTS_FROM on: the one rule the text
+    warm-up's stand-in, the slots warm-up's and align's reading targets share (a longer text stays text)."""
+    return spelled_rows(text) <= query_num - TEXT_SLOTS_FROM
+
+
 def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[str], pad_token: str = AUDIO_PAD,
                         skip: int = 0) -> torch.Tensor | None:
     """[T] ids + per audio its transcript -> Long[T, W]: each audio's block of pad rows SPELLS its transcript as a CTC

@@ -22,10 +22,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.chat import (IGNORE_INDEX, MARKERS, SampleError, conversation_messages, count_markers,
-                          lookup_targets, spelled_rows, spelling_targets, standin_ids, tokenize_conversation)
+                          fits_text_slots, lookup_targets, spelling_targets, standin_ids, tokenize_conversation)
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
 from dataset.toyworld_text import describe_media, frame_slots, queried_slots, scene_slots, text_image_reading
-from model.model_omni import TEXT_SLOTS_FROM
 
 MEDIA_KEYS = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -173,7 +172,7 @@ class OmniDataset(Dataset):
         if spelling and transcripts and len(transcripts) == len(out.get("audio_features", [])):  # one chunk each
             out["audio_spelling"] = [spelling_targets(self.tokenizer, text, spelling) for text in transcripts]
         read = text_image_reading(sample) if self.standins else None
-        fits = read and spelled_rows(read[0]) <= self.config.query_num - TEXT_SLOTS_FROM  # as the text warm-up
+        fits = read and fits_text_slots(read[0], self.config.query_num)
         if spelling and fits and len(out.get("pixel_values", [])) == 1:  # a square text image is one slice
             out["image_spelling"] = [spelling_targets(self.tokenizer, read[0], spelling)]
         return dict(out, **speech, input_ids=input_ids, labels=labels)
