@@ -16,6 +16,7 @@ along with --train (`--train talker` alone: the LLM stays frozen and only the ta
 import argparse
 import os
 
+from dataset.phonemes import token_sounds
 from model.codec import MelCodec
 from model.talker import TalkerConfig
 from stage_utils import (add_model_args, build_model, component_lrs, finish_stage, finished_before, omni_data,
@@ -64,6 +65,10 @@ def attach_talker(model, args, tokenizer) -> MelCodec:
     elif args.talker_config:
         raise SystemExit("--talker_config shapes a NEW talker, but the --init checkpoint already has one")
     model.talker.set_spelling(tokenizer)
+    if model.talker.config.sound_phonemes:
+        if codec.phonemes is None:
+            raise SystemExit("a talker that reads phonemes (sound_phonemes) needs a phonetic codec (--speech_codec)")
+        model.talker.set_sounds(token_sounds(tokenizer, codec.phonemes))
     model.codec, model.speech_weight = codec, args.speech_weight
     return codec
 

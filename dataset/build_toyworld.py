@@ -656,7 +656,7 @@ def resampler(orig_rate: int):
 
 
 def synth_speech(spec: dict, path: str) -> None:
-    """espeak-ng (22.05 kHz) -> 16 kHz mono, silence trimmed to 50 ms / 100 ms, peak 0.9, 16-bit wav."""
+    """espeak-ng (22.05 kHz) -> 16 kHz mono, silence trimmed (speech_bounds), peak 0.9, 16-bit wav."""
     import soundfile as sf
     import torch
 
@@ -665,9 +665,15 @@ def synth_speech(spec: dict, path: str) -> None:
     wav, sr = sf.read(io.BytesIO(subprocess.run(cmd, capture_output=True, check=True).stdout), dtype="float32")
     with torch.no_grad():
         wav = resampler(sr)(torch.from_numpy(wav)).numpy()  # [S]
-    loud = np.flatnonzero(np.abs(wav) > 0.02 * np.abs(wav).max())
-    wav = wav[max(0, loud[0] - SAMPLE_RATE // 20): loud[-1] + SAMPLE_RATE // 10]
+    start, end = speech_bounds(wav)
+    wav = wav[start:end]
     sf.write(path, 0.9 * wav / np.abs(wav).max(), SAMPLE_RATE, subtype="PCM_16")
+
+
+def speech_bounds(wav: np.ndarray) -> tuple[int, int]:
+    """[S] at 16 kHz -> (start, end) of the kept part: 50 ms before the first loud sample to 100 ms after the last."""
+    loud = np.flatnonzero(np.abs(wav) > 0.02 * np.abs(wav).max())
+    return max(0, loud[0] - SAMPLE_RATE // 20), loud[-1] + SAMPLE_RATE // 10
 
 
 @cache
@@ -736,10 +742,11 @@ def assign_paths(samples: list[dict], split: str) -> dict[str, dict]:
 
 
 def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: int | None = None,
-          speak: bool = False, read_aloud: int | None = None) -> dict:
+          speak: bool = False, read_aloud: int | None = None, speech_codec: str = "phonetic") -> dict:
     """Build ToyWorld into `out`; returns {split: Counter((task, lang))}.
     speak: spoken answers + the speech codec (dataset/speech_targets.py); read_aloud: how many phrases to say back
-    (default READ_ALOUD[size]); the first ones are the same for every count."""
+    (default READ_ALOUD[size]); the first ones are the same for every count. speech_codec: "phonetic" (its first
+    codebook from espeak-ng's phoneme timings) or "kmeans" (every codebook k-means over log-mel)."""
     t0 = time.time()
     langs = [lang for lang in (langs.split(",") if isinstance(langs, str) else langs) if lang]
     if not set(langs) <= {"en", "zh"} or size not in COUNTS:
@@ -780,7 +787,7 @@ def build(out: str, seed: int = 0, size: str = "full", langs=("en",), workers: i
             for _ in pool.imap_unordered(render, todo, chunksize=8):
                 pass
     if speak:
-        speech_targets.fit_codec(out, samples["sft"])
+        speech_targets.fit_codec(out, samples["sft"], phonetic=speech_codec == "phonetic")
 
     paths = []
     for split in SPLITS:
@@ -815,11 +822,14 @@ def main() -> None:
     p.add_argument("--speak", action="store_true", help="spoken answers + the speech codec (dataset/speech_targets.py)")
     p.add_argument("--read_aloud", type=int, default=None,
                    help=f"--speak: phrases to say back in the sft split (default {READ_ALOUD['full']} for --size full)")
+    p.add_argument("--speech_codec", choices=["phonetic", "kmeans"], default="phonetic",
+                   help="--speak: the codec's first codebook from espeak-ng's phoneme timings, or k-means like the rest")
     args = p.parse_args()
     if args.read_aloud is not None and (args.read_aloud < 0 or not args.speak):
         p.error("--read_aloud takes a count >= 0 and goes with --speak")
     try:
-        build(args.out, args.seed, args.size, args.langs, args.workers, args.speak, args.read_aloud)
+        build(args.out, args.seed, args.size, args.langs, args.workers, args.speak, args.read_aloud,
+              args.speech_codec)
     except MissingDependency as e:
         raise SystemExit(f"error: {e}")
 

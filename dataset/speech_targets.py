@@ -64,10 +64,27 @@ def read_wav(path: str) -> torch.Tensor:
     return torch.from_numpy(sf.read(path, dtype="float32")[0])  # [S] (ToyWorld speech is 16 kHz mono)
 
 
-def fit_codec(out: str, train_samples: list[dict], **codec_args) -> MelCodec:
-    """Fit the default codec on the training split's spoken answers and save it to out/codec."""
-    wavs = [read_wav(os.path.join(out, p)) for p in speech_paths(train_samples)]
-    codec = MelCodec(**codec_args).fit(wavs)
-    codec.save(os.path.join(out, "codec"))
-    print(f"fitted the speech codec on {len(wavs)} spoken answers -> {out}/codec")
+def fit_codec(out: str, train_samples: list[dict], phonetic: bool = False, folder: str = "codec",
+              **codec_args) -> MelCodec:
+    """Fit the default codec on the training split's spoken answers and save it to out/folder.
+
+    phonetic: its first codebook is phonetic, fitted on espeak-ng's own phoneme timings (dataset/phonemes.py)."""
+    specs = {t["speech"]: speech_job(t["content"], t["voice"])[1]
+             for s in train_samples for t in s["conversations"] if "speech" in t}
+    paths = sorted(specs)
+    wavs = [read_wav(os.path.join(out, p)) for p in paths]
+    if not phonetic:
+        codec = MelCodec(**codec_args).fit(wavs)
+    else:
+        from dataset.phonemes import frame_phonemes
+
+        frames = MelCodec(**codec_args)
+        labels = [frame_phonemes(specs[p], len(frames.features(w)), frames.hop_length * frames.group)
+                  for p, w in zip(paths, wavs)]
+        phonemes = sorted({name for clip in labels for name in clip})
+        ids = [torch.tensor([phonemes.index(name) for name in clip]) for clip in labels]
+        codec = MelCodec(**codec_args, phonemes=phonemes).fit(wavs, frame_phonemes=ids)
+    codec.save(os.path.join(out, folder))
+    kind = f"phonetic first codebook ({len(codec.phonemes)} phonemes) + k-means" if phonetic else "k-means"
+    print(f"fitted the speech codec ({kind}) on {len(wavs)} spoken answers -> {out}/{folder}")
     return codec

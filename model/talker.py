@@ -62,6 +62,7 @@ class TalkerConfig:
     speech_chunk: int = 12           # delayed-grid steps per interleaved speech chunk (0.48 s at 25 frames/s)
     max_frames: int = 500            # 20 s at 25 frames/s: generation is cut (STOP forced) here
     spelling_bytes: int = 16         # bytes of each token's text the talker reads (longer tokens are cut)
+    sound_phonemes: int = 0          # phonemes of each token's pronunciation it reads (phonetic codec; 0 = off)
     guided_attention: float = 1.0    # weight of the diagonal-attention loss (0 = off); see diagonal_penalty
     guided_layer: int = 1            # the layer whose heads it steers (the last one if the talker has fewer)
     guided_width: float = 0.2        # how far (in fractions of the answer) a head may look off the diagonal
@@ -129,6 +130,10 @@ class Talker(nn.Module):
         # Long-lived lookup, saved with the talker: row t = the bytes of token t's text (+1), 0-padded. set_spelling
         # fills it from the tokenizer; all zeros = the spelling term is 0.
         self.register_buffer("spelling", torch.zeros(llm_vocab, config.spelling_bytes, dtype=torch.uint8))
+        if config.sound_phonemes:  # the same for how each token SOUNDS: its phonemes as the codec's code-0 ids + 1
+            self.sound_embed = nn.Embedding(config.vocab_size + 1, H, padding_idx=0)
+            self.sound_pos = nn.Embedding(config.sound_phonemes, H)
+            self.register_buffer("sounds", torch.zeros(llm_vocab, config.sound_phonemes, dtype=torch.int16))
         self.voice_embed = nn.Embedding(len(config.voices), H)
         self.code_embeds = nn.ModuleList(nn.Embedding(config.vocab_size + 2, H) for _ in range(K))
         decoder = config.decoder_config()
@@ -144,13 +149,27 @@ class Talker(nn.Module):
             table[token, :len(spelled)] = torch.tensor(list(spelled), dtype=torch.uint8) + 1
         self.spelling.copy_(table)
 
+    def set_sounds(self, sounds: list[list[int]]) -> None:
+        """Fill the sound table: sounds[t] = token t's phonemes as ids of a phonetic codec's first codebook
+        (dataset/phonemes.token_sounds), cut to sound_phonemes."""
+        table = torch.zeros_like(self.sounds)
+        for token, phonemes in enumerate(sounds[:len(table)]):
+            phonemes = phonemes[:table.shape[1]]
+            table[token, :len(phonemes)] = torch.tensor(phonemes, dtype=torch.int16) + 1
+        self.sounds.copy_(table)
+
     # ---- items
     def text_items(self, ids: torch.Tensor, text_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Long[N] answer tokens, [N, D_llm] their input embeddings, [N, D_llm] last hidden states -> [N, H]."""
         spelled = self.spelling[ids].long()                                        # [N, S] byte + 1, 0 = none
         letters = (self.byte_embed(spelled) + self.byte_pos.weight) * (spelled > 0).unsqueeze(-1)  # [N, S, H]
-        return (self.text_proj(text_embeds) + F.normalize(self.hidden_mlp(hidden), dim=-1)
-                + F.normalize(letters.sum(1), dim=-1))
+        items = (self.text_proj(text_embeds) + F.normalize(self.hidden_mlp(hidden), dim=-1)
+                 + F.normalize(letters.sum(1), dim=-1))
+        if self.config.sound_phonemes:
+            phones = self.sounds[ids].long()                                        # [N, P] phoneme + 1, 0 = none
+            sounds = (self.sound_embed(phones) + self.sound_pos.weight) * (phones > 0).unsqueeze(-1)  # [N, P, H]
+            items = items + F.normalize(sounds.sum(1), dim=-1)
+        return items
 
     def step_items(self, columns: torch.Tensor) -> torch.Tensor:
         """Long[L, K] grid columns -> [L, H]: the sum of each codebook's embedding."""

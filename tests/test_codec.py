@@ -1,6 +1,10 @@
-"""The offline speech codec: hand-written k-means, residual quantisation, encode/decode shapes and determinism."""
+"""The offline speech codec: hand-written k-means, residual quantisation, encode/decode shapes and determinism,
+the phonetic first codebook and the espeak-ng phoneme timings it is fitted on."""
 import math
+import re
+import subprocess
 
+import pytest
 import torch
 
 from model.codec import MelCodec, kmeans, residual_quantize, squared_distances
@@ -50,3 +54,57 @@ def test_encode_decode_shapes_determinism_and_save_load(tmp_path):
     loaded = MelCodec.load(str(tmp_path))
     assert torch.equal(loaded.encode(wav), codes) and torch.equal(loaded.decode(codes), out)
     assert torch.equal(MelCodec(n_codebooks=2, vocab_size=8).fit(clips(), iters=3).codebooks, codec.codebooks)
+
+
+def test_phonetic_first_codebook_hears_its_labels_and_saves_its_classifier(tmp_path):
+    """Label every frame of each clip with the clip's index: code 0 must come out as that label, its codeword must be
+    the mean frame of the frames given it, and the k-means codebooks after it quantise what is left."""
+    wavs = clips()
+    codec = MelCodec(n_codebooks=3, vocab_size=8, griffin_lim_iters=4, phonemes=["a", "b", "c", "_"])
+    labels = [torch.full((len(codec.features(w)),), i) for i, w in enumerate(wavs)]
+    codec.fit(wavs, iters=3, frame_phonemes=labels)
+    for w, label in zip(wavs, labels):
+        codes = codec.encode(w)
+        assert codes.shape == (3, len(label)) and int(codes.max()) < codec.vocab_size
+        assert (codes[0] == label).float().mean() > 0.9
+    frames = torch.cat([codec.features(w) for w in wavs])
+    heard = torch.cat([codec.classifier.predict(codec.features(w)) for w in wavs])
+    for i in range(4):
+        assert torch.allclose(codec.codebooks[0, i], frames[heard == i].mean(0), atol=1e-4)
+    assert codec.codebooks[0, 4:].abs().max() == 0                      # codes no phoneme uses stay empty
+    residual = frames - codec.codebooks[0][heard]
+    _, one = residual_quantize(frames, codec.codebooks[:1])
+    _, three = residual_quantize(residual, codec.codebooks[1:])
+    assert (three - residual).pow(2).mean() < (one - frames).pow(2).mean()  # the acoustic books take the rest
+
+    codec.save(str(tmp_path))
+    loaded = MelCodec.load(str(tmp_path))
+    assert loaded.phonemes == codec.phonemes
+    assert all(torch.equal(loaded.encode(w), codec.encode(w)) for w in wavs)
+    again = MelCodec(n_codebooks=3, vocab_size=8, phonemes=["a", "b", "c", "_"]).fit(wavs, iters=3,
+                                                                                     frame_phonemes=labels)
+    assert torch.equal(again.codebooks, codec.codebooks)                 # seeded: the same fit twice
+    with pytest.raises(ValueError, match="frame_phonemes"):
+        MelCodec(n_codebooks=2, vocab_size=8, phonemes=["a"]).fit(wavs)
+
+
+def test_espeak_phoneme_timings_match_the_command_line_and_the_clip(tmp_path):
+    """The library's phoneme events spell what `espeak-ng -x` prints, and the per-frame labels of a clip the build
+    wrote put silence on its quiet frames (the sentence pause, the tail) and phonemes on its loud ones."""
+    from dataset.build_toyworld import synth_speech
+    from dataset.phonemes import SILENCE, espeak, frame_phonemes
+    from dataset.speech_targets import read_wav
+
+    text, spec = "Ball thirteen bed. Seven red cats.", {"voice": "en+m3", "speed": 155, "pitch": 35}
+    _, phonemes = espeak().speak(text, **spec)
+    printed = subprocess.run(["espeak-ng", "-q", "-x", "-v", spec["voice"], text], capture_output=True, text=True)
+    assert "".join(n for n, _ in phonemes if not n.startswith("_")) == re.sub(r"[',\s]", "", printed.stdout)
+
+    synth_speech({"kind": "speech", "text": text, **spec}, str(tmp_path / "clip.wav"))
+    codec = MelCodec()
+    level = codec.features(read_wav(str(tmp_path / "clip.wav"))).mean(1)   # [F] mean log-mel per code frame
+    labels = frame_phonemes({"text": text, **spec}, len(level), codec.hop_length * codec.group)
+    silent = torch.tensor([name == SILENCE for name in labels])
+    assert labels[-1] == SILENCE and silent[len(labels) // 3:2 * len(labels) // 3].any()  # the pause between sentences
+    quiet = level < level.min() + 0.25 * (level.max() - level.min())
+    assert (silent == quiet).float().mean() > 0.85

@@ -160,6 +160,42 @@ def test_spelling_table_holds_each_tokens_bytes_and_tells_same_embeddings_apart(
     assert torch.allclose(after.norm(dim=-1), after[:1].norm(dim=-1).expand(3), atol=1.5)  # one scale: unit terms
 
 
+def test_sound_table_holds_each_tokens_phonemes_and_adds_a_unit_term():
+    """sound_phonemes: token t's phonemes (ids of a phonetic codec's first codebook) in a saved table, read as one
+    more L2-normalised term; tokens with the same embeddings, states and spelling but other sounds come apart."""
+    talker = Talker(tiny_talker_config(sound_phonemes=3), llm_width=32, llm_vocab=VOCAB)
+    talker.set_spelling(LetterTokenizer())
+    same = torch.randn(1, 32).expand(2, 32)
+    ids = torch.tensor([1, 1])                                    # the same token twice
+    talker.set_sounds([[], [4, 0, 7, 9]])                         # token 1 sounds 4 0 7 (cut to 3 phonemes)
+    assert talker.sounds[1].tolist() == [5, 1, 8] and talker.sounds[0].tolist() == [0, 0, 0]
+    items = talker.text_items(ids, same, same)
+    plain = Talker(tiny_talker_config(), llm_width=32, llm_vocab=VOCAB)
+    plain.load_state_dict(talker.state_dict(), strict=False)
+    plain.set_spelling(LetterTokenizer())
+    difference = items[0] - plain.text_items(ids, same, same)[0]  # exactly the sound term
+    assert torch.allclose(difference.norm(), torch.tensor(1.0), atol=1e-5)
+    talker.set_sounds([[], [5]])
+    assert not torch.allclose(talker.text_items(ids, same, same)[0], items[0])
+
+
+def test_token_sounds_are_espeak_ng_phonemes_in_the_codecs_inventory():
+    from dataset.phonemes import token_sounds
+
+    class Words:
+        words = ["<|im_end|>", " mountains", "3", "三", ".", "ten"]
+
+        def __len__(self):
+            return len(self.words)
+
+        def decode(self, ids):
+            return self.words[ids[0]]
+    inventory = ["_", "m", "aU", "n", "t", "I", "z", "T", "r", "i:", "E"]
+    table = token_sounds(Words(), inventory)
+    named = [[inventory[i] for i in row] for row in table]
+    assert named == [[], ["m", "aU", "n", "t", "I", "n", "z"], ["T", "r", "i:"], [], [], ["t", "E", "n"]]
+
+
 def test_max_frames_cuts_an_untrained_talker():
     torch.manual_seed(0)
     talker = Talker(tiny_talker_config(max_frames=5), llm_width=32, llm_vocab=VOCAB).eval()
@@ -269,6 +305,7 @@ def test_speak_flag_adds_speech_targets_that_become_talker_batches(spoken_world)
     answer = dataset.records[spoken[0]][1]["conversations"][-1]["content"]
     assert processor.tokenizer.decode(item["input_ids"][item["speech_text_mask"]]) == answer
     assert item["speech_codes"].shape[0] == model.codec.n_codebooks
+    assert model.codec.phonemes and int(item["speech_codes"][0].max()) < len(model.codec.phonemes)  # phonetic code 0
     batch = collate([item, dataset[next(i for i in range(len(dataset)) if i not in spoken)]],
                     processor.tokenizer.pad_token_id)
     assert batch["speech_lens"].tolist() == [item["speech_codes"].shape[1], 0]
