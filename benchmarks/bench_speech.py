@@ -227,6 +227,24 @@ def streaming(model: OmniModel, processor, data: str, n: int) -> dict:
             "audio_s_per_answer": sum(seconds) / n, "n": n}
 
 
+def phoneme_accuracy(codec, data: str) -> float:
+    """Share of the held-out spoken answers' code frames whose phonetic code 0 is the phoneme espeak-ng was saying
+    there (dataset/phonemes.py): how well the codec's classifier hears phonemes it was not fitted on."""
+    from dataset.phonemes import frame_phonemes
+    from dataset.speech_targets import speech_job
+
+    with open(os.path.join(data, "test.jsonl"), encoding="utf-8") as f:
+        answers = {t["speech"]: t for t in (json.loads(line)["conversations"][-1] for line in f) if "speech" in t}
+    right = total = 0
+    for path, turn in sorted(answers.items()):
+        frames = codec.features(read(os.path.join(data, path)))
+        said = frame_phonemes(speech_job(turn["content"], turn["voice"])[1], len(frames),
+                              codec.hop_length * codec.group)
+        heard = [codec.phonemes[i] for i in codec.classifier.predict(frames).tolist()]
+        right, total = right + sum(a == b for a, b in zip(said, heard)), total + len(said)
+    return right / total
+
+
 def measure(args):
     """CER of ground truth / codec round trip / talker, on all held-out spoken answers and on those whose text
     no training answer has (the talker has never said that text; the judge never heard it)."""
@@ -248,6 +266,8 @@ def measure(args):
         row["talker_over_round_trip"] = row["cer_talker"] / max(row["cer_codec_round_trip"], 1e-9)
         results[subset] = row
     results["talker_seconds"] = talker_seconds
+    if model.codec.phonemes is not None:
+        results["codec_phoneme_accuracy"] = phoneme_accuracy(model.codec, args.data)
     two_words = talker_speech(model, processor, args.data, "sft", limit=60, keep=lambda s: s["task"] in (
         "read_aloud", "asr") and len(s["conversations"][-1]["content"].split()) == 2,   # texts it trained on
         reference_books=args.reference_codebooks)

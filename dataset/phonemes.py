@@ -5,6 +5,10 @@ are made by the espeak-ng command line (build_toyworld.synth_speech), and the es
 voice, speed and pitch, produces the same samples and reports the sample at which each phoneme starts. So the labels
 are the synthesiser's own, not a recogniser's guess. The library is reached with ctypes (it ships with the
 espeak-ng package ToyWorld already needs; no Python binding to install).
+
+espeak-ng carries a little state from one utterance to the next: the same text can come out a few samples longer
+or shorter depending on what was said before, so a label at a phoneme boundary can differ with the order clips are
+labelled in. fit_codec labels them in one fixed (sorted) order.
 """
 import ctypes
 import ctypes.util

@@ -78,8 +78,8 @@ def fit_codec(out: str, train_samples: list[dict], phonetic: bool = False, folde
     else:
         from dataset.phonemes import frame_phonemes
 
-        frames = MelCodec(**codec_args)
-        labels = [frame_phonemes(specs[p], len(frames.features(w)), frames.hop_length * frames.group)
+        mel = MelCodec(**codec_args)  # unfitted: only its framing
+        labels = [frame_phonemes(specs[p], len(mel.features(w)), mel.hop_length * mel.group)
                   for p, w in zip(paths, wavs)]
         phonemes = sorted({name for clip in labels for name in clip})
         ids = [torch.tensor([phonemes.index(name) for name in clip]) for clip in labels]

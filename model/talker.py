@@ -2,9 +2,11 @@
 
 What it reads. One item per answer token: that token's text embedding (the LLM's input embedding, projected to the
 talker's width) + L2-normalised MLP(the LLM's last hidden state of that token) + its L2-normalised SPELLING (the
-sum of an embedding per UTF-8 byte of the token's text at its place in the token). The text embedding says WHAT to
-say; the spelling says how it is written, which carries over between words (letters sound alike from word to word,
-while a whole-word token is only ever heard in the few clips that say it); the hidden state carries the context
+sum of an embedding per UTF-8 byte of the token's text at its place in the token) + (with `sound_phonemes`, on a
+phonetic codec) its L2-normalised SOUND (the same over the token's phonemes, as ids of the codec's first codebook).
+The text embedding says WHAT to say; spelling and sound say how it is written and said, which carries over between
+words (a whole-word token is only ever heard in the few clips that say it, its letters and phonemes in thousands;
+with phonetic codes, codebook 0 becomes copying the sound at the right pace); the hidden state carries the context
 the LLM had when it wrote it. The L2 norms keep those terms on a fixed scale whatever the LLM's width or stage.
 
 What it writes. Codec frames of `n_codebooks` codes each, with a DELAY pattern: codebook k is shifted k steps
@@ -62,7 +64,8 @@ class TalkerConfig:
     speech_chunk: int = 12           # delayed-grid steps per interleaved speech chunk (0.48 s at 25 frames/s)
     max_frames: int = 500            # 20 s at 25 frames/s: generation is cut (STOP forced) here
     spelling_bytes: int = 16         # bytes of each token's text the talker reads (longer tokens are cut)
-    sound_phonemes: int = 0          # phonemes of each token's pronunciation it reads (phonetic codec; 0 = off)
+    sound_phonemes: int = 0          # phonemes of each token's pronunciation it reads (phonetic codec; 0 = off;
+                                     # train_sft_omni gives a new talker on a phonetic codec 12)
     guided_attention: float = 1.0    # weight of the diagonal-attention loss (0 = off); see diagonal_penalty
     guided_layer: int = 1            # the layer whose heads it steers (the last one if the talker has fewer)
     guided_width: float = 0.2        # how far (in fractions of the answer) a head may look off the diagonal

@@ -327,6 +327,25 @@ def test_read_aloud_phrases_are_spoken_training_data_without_held_out_combinatio
         assert not any(T.held_out(" ".join(pair)) for pair in zip(words, words[1:]))
 
 
+def test_talker_stage_on_a_phonetic_codec_reads_each_tokens_phonemes(spoken_world, tmp_path):
+    """train_sft_omni --speech_weight on a --speak build (phonetic codec by default): the new talker reads
+    SOUND_PHONEMES phonemes per token, its table holds espeak-ng's phonemes of the answer words, and the checkpoint
+    carries both the table and the phonetic codec."""
+    import train_sft_omni
+    from dataset.tokenizer import load_tokenizer
+    out = tmp_path / "talker"
+    train_sft_omni.main(["--out", str(out), "--max_steps", "2", "--data", str(spoken_world / "sft.jsonl"),
+                         "--train", "talker", "--speech_weight", "1", "--tasks", "color,read_aloud",
+                         "--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4"])
+    model = OmniModel.from_pretrained(str(out))
+    assert model.talker.config.sound_phonemes == train_sft_omni.SOUND_PHONEMES
+    assert model.codec.phonemes is not None and model.codec.classifier is not None
+    red = load_tokenizer(str(out)).encode(" red")
+    assert len(red) == 1                                           # a ToyWorld word is one token of the tiny BPE
+    sound = [model.codec.phonemes[p - 1] for p in model.talker.sounds[red[0]].tolist() if p]
+    assert sound == ["r", "E", "d"]
+
+
 @torch.no_grad()
 def test_streamed_speech_equals_the_talker_on_the_whole_answer(spoken_world):
     model, processor = model_for(spoken_world)
@@ -350,11 +369,15 @@ def test_streamed_speech_equals_the_talker_on_the_whole_answer(spoken_world):
 def test_new_talker_config_takes_typed_overrides_of_number_fields():
     from types import SimpleNamespace
     from train_sft_omni import new_talker_config
-    codec = SimpleNamespace(n_codebooks=2, vocab_size=8)
+    from train_sft_omni import SOUND_PHONEMES
+    codec = SimpleNamespace(n_codebooks=2, vocab_size=8, phonemes=None)
     cfg = new_talker_config(codec, ["num_hidden_layers=4", "guided_width=0.3", "first_codebook_weight=1"])
     assert (cfg.n_codebooks, cfg.vocab_size, cfg.num_hidden_layers, cfg.guided_width) == (2, 8, 4, 0.3)
     assert isinstance(cfg.first_codebook_weight, float)
     assert new_talker_config(codec, []) == TalkerConfig(n_codebooks=2, vocab_size=8)
+    phonetic = SimpleNamespace(n_codebooks=2, vocab_size=8, phonemes=["_", "a"])  # reads phonemes unless told not to
+    assert new_talker_config(phonetic, []).sound_phonemes == SOUND_PHONEMES
+    assert new_talker_config(phonetic, ["sound_phonemes=0"]).sound_phonemes == 0
     for bad in (["voices=ava"], ["no_such_field=1"]):
         with pytest.raises(SystemExit, match="not a number field"):
             new_talker_config(codec, bad)
