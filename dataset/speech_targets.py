@@ -79,7 +79,7 @@ def fit_codec(out: str, train_samples: list[dict], phonetic: bool = False, folde
         from dataset.phonemes import frame_phonemes
 
         mel = MelCodec(**codec_args)  # unfitted: only its framing
-        labels = [frame_phonemes(specs[p], len(mel.features(w)), mel.hop_length * mel.group)
+        labels = [frame_phonemes(specs[p], mel.n_frames(len(w)), mel.hop_length * mel.group)
                   for p, w in zip(paths, wavs)]
         phonemes = sorted({name for clip in labels for name in clip})
         ids = [torch.tensor([phonemes.index(name) for name in clip]) for clip in labels]

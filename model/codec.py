@@ -163,6 +163,10 @@ class MelCodec:
                 "vocab_size": self.vocab_size, "griffin_lim_iters": self.griffin_lim_iters, "phonemes": self.phonemes}
 
     # ---- features: waveform <-> grouped log-mel vectors
+    def n_frames(self, n_samples: int) -> int:
+        """Code frames of a waveform of n_samples: its log-mel frames (n_samples // hop + 1), grouped, rounded up."""
+        return -(-(n_samples // self.hop_length + 1) // self.group)
+
     @torch.no_grad()
     def features(self, wav: torch.Tensor) -> torch.Tensor:
         """[S] -> [frames, n_mels * group]: log-mel (floored at 1e-4 so silence is one flat level), 2 frames a row."""

@@ -119,6 +119,15 @@ def diagonal_penalty(weights: torch.Tensor, text_at: torch.Tensor, steps_at: tor
     return (on_text * off_diagonal).sum(-1).mean()
 
 
+def fill_table(table: torch.Tensor, rows: list[list[int]]) -> None:
+    """A per-token lookup (spelling, sound): row t = rows[t] + 1, cut to the table's width, 0-padded."""
+    filled = torch.zeros_like(table)
+    for token, row in enumerate(rows[:len(table)]):
+        row = row[:table.shape[1]]
+        filled[token, :len(row)] = torch.tensor(row, dtype=table.dtype) + 1
+    table.copy_(filled)
+
+
 # ----------------------------------------------------------------------------- the talker
 class Talker(nn.Module):
     def __init__(self, config: TalkerConfig, llm_width: int, llm_vocab: int):
@@ -146,20 +155,12 @@ class Talker(nn.Module):
 
     def set_spelling(self, tokenizer) -> None:
         """Fill the spelling table: every token's decoded text as UTF-8 bytes, cut to spelling_bytes."""
-        table = torch.zeros_like(self.spelling)
-        for token in range(min(len(tokenizer), len(table))):
-            spelled = tokenizer.decode([token]).encode("utf-8")[:table.shape[1]]
-            table[token, :len(spelled)] = torch.tensor(list(spelled), dtype=torch.uint8) + 1
-        self.spelling.copy_(table)
+        fill_table(self.spelling, [list(tokenizer.decode([t]).encode("utf-8")) for t in range(len(tokenizer))])
 
     def set_sounds(self, sounds: list[list[int]]) -> None:
         """Fill the sound table: sounds[t] = token t's phonemes as ids of a phonetic codec's first codebook
         (dataset/phonemes.token_sounds), cut to sound_phonemes."""
-        table = torch.zeros_like(self.sounds)
-        for token, phonemes in enumerate(sounds[:len(table)]):
-            phonemes = phonemes[:table.shape[1]]
-            table[token, :len(phonemes)] = torch.tensor(phonemes, dtype=torch.int16) + 1
-        self.sounds.copy_(table)
+        fill_table(self.sounds, sounds)
 
     # ---- items
     def text_items(self, ids: torch.Tensor, text_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
