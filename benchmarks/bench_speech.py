@@ -12,7 +12,8 @@ talker never trained on them; transcripts can be unseen word combinations) three
   1. ground truth: the espeak-ng clip itself (the judge's own floor);
   2. codec round trip: decode(encode(ground truth));
   3. talker: the talker speaking the reference answer from the checkpoint's LLM states (teacher-forced text, so
-     the LLM's own mistakes do not count here), greedy, decoded by the same codec.
+     the LLM's own mistakes do not count here), greedy, decoded by the same codec (its finer codebooks as the
+     codeword expected under the talker's distribution, as chat() decodes; --decode picked: the picked codes).
 The same talker row on 60 two-word answers of the TRAINING split ("train_two_word_texts") separates not knowing a
 word from not following the text while speaking freely. And, as in real use, OmniModel.chat(speak=True) on every
 held-out prompt with a spoken answer: the talker speaking what the LLM itself wrote, judged against that text
@@ -192,7 +193,7 @@ def talker_speech(model: OmniModel, processor, data: str, split: str = "test", k
         with reference_codebooks(model.talker, batch["speech_codes"][0, :, :batch["speech_lens"][0]], reference_books):
             codes = model.talker.generate(ids, model.llm.get_input_embeddings()(ids), hidden[mask],
                                           int(batch["speech_voices"][0]))
-        spoken[os.path.join(data, answer["speech"])] = model.codec.decode(codes)
+        spoken[os.path.join(data, answer["speech"])] = model.codec.decode(*codes)
     return spoken
 
 
@@ -250,6 +251,9 @@ def measure(args):
     no training answer has (the talker has never said that text; the judge never heard it)."""
     judge = Judge.load(args.judge)
     model = OmniModel.from_pretrained(args.ckpt).eval()
+    if args.decode == "picked":                      # every row, chat() included, decodes the picked codes only
+        decode = model.codec.decode
+        model.codec.decode = lambda codes, probs=None: decode(codes)
     processor = OmniProcessor.from_pretrained(args.ckpt, model.config)
     trained = {split: dict(judge_items(args.data, split)) for split in ("pretrain", "sft")}   # {wav path: text}
     trained_texts = {t for items in trained.values() for t in items.values()}
@@ -282,6 +286,7 @@ def measure(args):
                               "cer_talker": cer(judge, [w for _, w in kept], [t for t, _ in kept])}
     results["streaming"] = streaming(model, processor, args.data, args.stream_n)
     results["threads"], results["reference_codebooks"] = torch.get_num_threads(), args.reference_codebooks
+    results["decode"] = args.decode
     print(json.dumps(results, indent=2))
     if args.out:
         with open(args.out, "w") as f:
@@ -302,6 +307,8 @@ def main():
     p.add_argument("--stream_n", type=int, default=10, help="answers streamed for latency / real-time factor")
     p.add_argument("--reference_codebooks", type=int, nargs="*", default=[],
                    help="diagnosis: these codebooks come from the reference clip in the teacher-forced talker rows")
+    p.add_argument("--decode", choices=["expected", "picked"], default="expected",
+                   help="talker speech: finer codebooks as their expected codeword (chat's way) or the picked code")
     args = p.parse_args()
     train_judge(args) if args.mode == "judge" else measure(args)
 

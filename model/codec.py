@@ -3,7 +3,9 @@
 Interface (any codec the talker uses has these):
 
     codec.encode(wav FloatTensor[S] at codec.sample_rate) -> LongTensor[n_codebooks, frames]
-    codec.decode(codes LongTensor[n_codebooks, frames])   -> FloatTensor[S']
+    codec.decode(codes LongTensor[n_codebooks, frames], probs=None) -> FloatTensor[S']
+                        (probs [n_codebooks, frames, vocab_size]: the talker's distribution behind each code,
+                        talker.SpokenFrames; a codec may use it or ignore it)
     codec.frame_rate    code frames per second (25 here, as in MiniCPM-o)
     codec.sample_rate   Hz of the waveforms encode takes and decode returns
     codec.vocab_size    entries per codebook (the talker adds its own stop / filler ids on top)
@@ -222,11 +224,19 @@ class MelCodec:
         rest = residual_quantize(x - self.codebooks[0][heard], self.codebooks[1:])[0]
         return torch.cat([heard[None], rest])
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Long[n_codebooks, frames] -> [S]: the sum of the chosen codewords of every stage, then synthesize."""
+    def decode(self, codes: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Long[n_codebooks, frames] -> [S]: the sum of the chosen codewords of every stage, then synthesize.
+
+        Given the talker's distributions behind the codes (probs [n_codebooks, frames, vocab_size]), every codebook
+        after the first adds its EXPECTED codeword instead: the least-squares guess of the residual it quantises. A
+        talker torn between two fine codes then says their average rather than one of them outright, which the
+        in-domain judge hears better (CER 17.2% -> 15.4% over five talkers: README, "Speech output"). Code 0, the
+        phoneme of a phonetic codec (or the coarsest k-means code), stays the one picked."""
         if codes.shape[1] == 0:
             return torch.zeros(0)
-        vectors = sum(self.codebooks[c][codes[c]] for c in range(codes.shape[0]))  # [frames, D]
+        vectors = self.codebooks[0][codes[0]]                                              # [frames, D]
+        for c in range(1, codes.shape[0]):
+            vectors = vectors + (self.codebooks[c][codes[c]] if probs is None else probs[c] @ self.codebooks[c])
         return self.synthesize(vectors)
 
     def save(self, folder: str):

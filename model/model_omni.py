@@ -17,7 +17,7 @@ from model.codec import MelCodec
 from model.model_audio import AudioConfig, WhisperEncoder
 from model.model_llm import KVCache, LLMConfig, Qwen3ForCausalLM
 from model.model_vision import SiglipVisionModel, VisionConfig
-from model.talker import Talker, TalkerConfig
+from model.talker import SpokenFrames, Talker, TalkerConfig
 from model.weights import load_state_dict_checked, read_hf_config
 
 # ----------------------------------------------------------------------------- special tokens
@@ -708,15 +708,15 @@ class OmniModel(nn.Module):
                                          with_hidden=True, **sampling)
             spoken = self.speak_stream(steps, processor.tokenizer, set(processor.stop_ids), voice, max_new_tokens)
             if stream:
-                return ((text, self.codec.decode(frames)) for text, frames in spoken)
+                return ((text, self.codec.decode(*frames)) for text, frames in spoken)
             pieces = list(spoken)
-            return "".join(t for t, _ in pieces), self.codec.decode(torch.cat([f for _, f in pieces], 1))
+            return "".join(t for t, _ in pieces), self.codec.decode(*SpokenFrames.cat([f for _, f in pieces]))
         steps = self.stream_generate(**batch, max_new_tokens=max_new_tokens, stop_ids=processor.stop_ids, **sampling)
         pieces = self._decode_stream(steps, processor.tokenizer, set(processor.stop_ids))
         return pieces if stream else "".join(pieces)
 
     def speak_stream(self, steps, tokenizer, stop_ids: set[int], voice: str | None = None, max_tokens: int = 128):
-        """LLM steps (stream_generate with_hidden=True, one prompt) -> (text piece, new code frames Long[K, f]) pairs.
+        """LLM steps (stream_generate with_hidden=True, one prompt) -> (text piece, new SpokenFrames [K, f]) pairs.
 
         The talker pulls the answer in chunks of text_chunk tokens; pulling a chunk runs the LLM for those tokens,
         so text and speech are produced in turn. A token's hidden state exists once the LLM has read it back, one
@@ -755,7 +755,8 @@ class OmniModel(nn.Module):
             pass
         text = tokenizer.decode(answer, skip_special_tokens=False)
         if len(text) > len(shown):
-            yield text[len(shown):], torch.zeros(talker.n_codebooks, 0, dtype=torch.long)
+            yield text[len(shown):], SpokenFrames.empty(talker.n_codebooks, talker.vocab_size,
+                                                   next(self.talker.parameters()).device)
 
     def _talker_chunk(self, tokens: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         ids = torch.tensor([t for t, _ in tokens], device=tokens[0][1].device)

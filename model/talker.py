@@ -9,7 +9,8 @@ words (a whole-word token is only ever heard in the few clips that say it, its l
 with phonetic codes, codebook 0 becomes copying the sound at the right pace); the hidden state carries the context
 the LLM had when it wrote it. The L2 norms keep those terms on a fixed scale whatever the LLM's width or stage.
 
-What it writes. Codec frames of `n_codebooks` codes each, with a DELAY pattern: codebook k is shifted k steps
+What it writes. Codec frames of `n_codebooks` codes each (with the distribution each code was picked from:
+SpokenFrames; the codec decodes the finer codebooks as their expected codeword), with a DELAY pattern: codebook k is shifted k steps
 later, so one step predicts codebook 0 of frame f together with codebook 1 of frame f-1, ..., and the finer
 codebooks of a frame are always predicted after the coarser ones of that frame were fed back. One head per
 codebook. Each codebook's vocabulary has two extra ids: FILL (the empty slots the delay leaves at the start and
@@ -37,6 +38,7 @@ next from memory (README, "Speech output", for what the loss changes and what it
 """
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,22 @@ from torch.nn.utils.rnn import pad_sequence
 from model.model_llm import DecoderLayer, KVCache, LLMConfig, RMSNorm, build_attention_mask, rope_cos_sin
 
 IGNORE = -100
+
+
+class SpokenFrames(NamedTuple):
+    """Code frames as the talker says them, with the distribution over each codebook's codes that every code was
+    picked from: codec.decode(*frames) decodes the finer codebooks as the codeword expected under it."""
+    codes: torch.Tensor   # Long[K, f]
+    probs: torch.Tensor   # [K, f, V]
+
+    @staticmethod
+    def empty(n_codebooks: int, vocab_size: int, device: torch.device | str = "cpu") -> "SpokenFrames":
+        return SpokenFrames(torch.zeros(n_codebooks, 0, dtype=torch.long, device=device),
+                            torch.zeros(n_codebooks, 0, vocab_size, device=device))
+
+    @staticmethod
+    def cat(parts: list["SpokenFrames"]) -> "SpokenFrames":
+        return SpokenFrames(torch.cat([p.codes for p in parts], 1), torch.cat([p.probs for p in parts], 1))
 
 
 @dataclass
@@ -261,15 +279,17 @@ class Talker(nn.Module):
 
     @torch.no_grad()
     def stream(self, text_chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], voice: int = 0,
-               temperature: float = 0.0, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+               temperature: float = 0.0, generator: torch.Generator | None = None) -> Iterator[SpokenFrames]:
         """Pulls (ids Long[n], text_embeds [n, D_llm], hidden [n, D_llm]) chunks of <= text_chunk answer tokens lazily, and
-        yields Long[K, f] code frames as they complete (f may be 0), one yield per speech chunk. Pulling lazily
-        is what interleaves it with the LLM: the next text chunk is only asked for when the talker needs it."""
-        K, m = self.config.n_codebooks, self.config.speech_chunk
+        yields the code frames [K, f] as they complete (f may be 0), one yield per speech chunk, each code with the
+        distribution over its codebook's V codes it was picked from (the model's own, whatever the temperature).
+        Pulling lazily is what interleaves it with the LLM: the next text chunk is only asked for when the talker
+        needs it."""
+        K, m, V = self.config.n_codebooks, self.config.speech_chunk, self.config.vocab_size
         device = self.norm.weight.device
         cache, chunks = KVCache(), iter(text_chunks)
         state = self.decode(self.voice_embed(torch.tensor([[voice]], device=device)), cache)[:, -1]  # [1, H]
-        columns, stop_step, emitted, text_left = [], None, 0, True
+        columns, dists, stop_step, emitted, text_left = [], [], None, 0, True
         while stop_step is None or len(columns) < stop_step + max(K - 1, 1):
             if text_left and len(columns) % m == 0:
                 chunk = next(chunks, None)
@@ -281,24 +301,27 @@ class Talker(nn.Module):
             if column[0] == self.stop:
                 stop_step = len(columns)
             columns.append(column)
+            dists.append(logits[:, :V].float().softmax(-1))                     # [K, V]
             state = self.decode(self.step_items(column[None])[None], cache)[:, -1]
             if len(columns) % m == 0:
-                emitted = yield from self._emit(columns, emitted, stop_step)
-        yield from self._emit(columns, emitted, stop_step)
+                emitted = yield from self._emit(columns, dists, emitted, stop_step)
+        yield from self._emit(columns, dists, emitted, stop_step)
 
-    def _emit(self, columns: list[torch.Tensor], emitted: int, stop_step: int | None):
+    def _emit(self, columns: list[torch.Tensor], dists: list[torch.Tensor], emitted: int, stop_step: int | None):
         """Yield the frames whose every codebook has been generated since the last yield; -> frames emitted."""
         K = self.config.n_codebooks
         done = min(len(columns) - (K - 1), len(columns) if stop_step is None else stop_step)
-        grid = torch.stack(columns, 1) if columns else torch.zeros(K, 0, dtype=torch.long)  # [K, steps]
-        frames = torch.stack([grid[k, k + emitted:k + done] for k in range(K)]) if done > emitted else \
-            grid.new_zeros(K, 0)
-        yield frames
-        return max(done, emitted)
+        if done <= emitted:
+            yield SpokenFrames.empty(K, self.config.vocab_size, self.norm.weight.device)
+            return emitted
+        grid, probs = torch.stack(columns, 1), torch.stack(dists, 1)           # [K, steps], [K, steps, V]
+        yield SpokenFrames(torch.stack([grid[k, k + emitted:k + done] for k in range(K)]),     # undo the delay
+                           torch.stack([probs[k, k + emitted:k + done] for k in range(K)]))
+        return done
 
     def generate(self, ids: torch.Tensor, text_embeds: torch.Tensor, hidden: torch.Tensor, voice: int = 0,
-                 temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A whole answer at once: Long[N], [N, D_llm], [N, D_llm] -> Long[K, F] frames (streaming's chunk order)."""
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> SpokenFrames:
+        """A whole answer at once: Long[N], [N, D_llm], [N, D_llm] -> frames [K, F] (streaming's chunk order)."""
         n = self.config.text_chunk
         chunks = [(ids[i:i + n], text_embeds[i:i + n], hidden[i:i + n]) for i in range(0, len(ids), n)]
-        return torch.cat(list(self.stream(chunks, voice, temperature, generator)), 1)
+        return SpokenFrames.cat(list(self.stream(chunks, voice, temperature, generator)))

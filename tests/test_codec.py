@@ -56,6 +56,18 @@ def test_encode_decode_shapes_determinism_and_save_load(tmp_path):
     assert torch.equal(MelCodec(n_codebooks=2, vocab_size=8).fit(clips(), iters=3).codebooks, codec.codebooks)
 
 
+def test_decode_with_the_talkers_distributions_takes_the_expected_codeword_of_the_finer_codebooks():
+    codec = MelCodec(n_codebooks=3, vocab_size=8, griffin_lim_iters=4).fit(clips(), iters=3)
+    codes = codec.encode(chirp(0.5, 300))                                              # [3, F]
+    one_hot = torch.nn.functional.one_hot(codes, codec.vocab_size).float()              # [3, F, 8]
+    assert torch.equal(codec.decode(codes, one_hot), codec.decode(codes))               # sure of its codes: the same
+    probs = torch.rand(*one_hot.shape, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    expected = (codec.codebooks[0][codes[0]] + probs[1] @ codec.codebooks[1]           # code 0 stays the picked one
+                + probs[2] @ codec.codebooks[2])
+    assert torch.equal(codec.decode(codes, probs), codec.synthesize(expected))
+    assert not torch.allclose(codec.decode(codes, probs), codec.decode(codes))
+
+
 def test_phonetic_first_codebook_hears_its_labels_and_saves_its_classifier(tmp_path):
     """Label every frame of each clip with the clip's index: code 0 must come out as that label, its codeword must be
     the mean frame of the frames given it, and the k-means codebooks after it quantise what is left."""

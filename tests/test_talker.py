@@ -8,7 +8,7 @@ import torch
 
 from model.model_omni import OmniConfig, OmniModel
 from model.model_llm import Attention, LLMConfig, rope_cos_sin
-from model.talker import Talker, TalkerConfig, delay_grid, diagonal_penalty, interleave_order
+from model.talker import SpokenFrames, Talker, TalkerConfig, delay_grid, diagonal_penalty, interleave_order
 from tests.test_omni import tiny_config
 
 
@@ -69,7 +69,7 @@ def test_loss_decreases_and_greedy_generation_stops_at_the_learned_length():
     assert loss.item() < 0.1 * first
     talker.eval()
     for t, e, h, c, v in zip(ids, texts, hidden, codes, voices):
-        assert torch.equal(talker.generate(t, e, h, int(v)), c)   # the right codes, ended by STOP at the right frame
+        assert torch.equal(talker.generate(t, e, h, int(v)).codes, c)   # the right codes, ended by STOP in time
 
 
 def test_attention_probabilities_are_the_weights_forward_uses():
@@ -201,7 +201,7 @@ def test_max_frames_cuts_an_untrained_talker():
     talker = Talker(tiny_talker_config(max_frames=5), llm_width=32, llm_vocab=VOCAB).eval()
     talker.heads[0] = NeverStop(talker.heads[0], talker.stop)
     out = talker.generate(torch.arange(3), torch.randn(3, 32), torch.randn(3, 32))
-    assert out.shape == (3, 5) and int(out.max()) < 16
+    assert out.codes.shape == (3, 5) and int(out.codes.max()) < 16 and out.probs.shape == (3, 5, 16)
 
 
 def test_stream_pulls_text_lazily_and_concatenates_to_generate():
@@ -222,7 +222,11 @@ def test_stream_pulls_text_lazily_and_concatenates_to_generate():
         pieces.append(frames)
         pulled_at_yield.append(len(pulled))
     assert pulled_at_yield[0] == 1 and pulled_at_yield[-1] == 4     # speech starts after the first text chunk
-    assert torch.equal(torch.cat(pieces, 1), talker.generate(ids, text, hidden, voice=1))
+    streamed, whole = SpokenFrames.cat(pieces), talker.generate(ids, text, hidden, voice=1)
+    assert torch.equal(streamed.codes, whole.codes) and torch.allclose(streamed.probs, whole.probs)
+    # each code's distribution is the one it was picked from (greedy: its argmax), re-aligned like the codes
+    assert torch.equal(whole.probs.argmax(-1), whole.codes)
+    assert torch.allclose(whole.probs.sum(-1), torch.ones(whole.codes.shape))
 
 
 # ----------------------------------------------------------------------------- inside OmniModel
@@ -357,13 +361,15 @@ def test_streamed_speech_equals_the_talker_on_the_whole_answer(spoken_world):
 
     batch = processor(question)                                    # the whole answer, read in one forward pass
     steps = model.stream_generate(**batch, max_new_tokens=7, stop_ids=processor.stop_ids, with_hidden=True)
-    frames = torch.cat([f for _, f in model.speak_stream(steps, processor.tokenizer, set(processor.stop_ids),
-                                                         "max", max_tokens=6)], 1)
+    frames = SpokenFrames.cat([f for _, f in model.speak_stream(steps, processor.tokenizer, set(processor.stop_ids),
+                                                                "max", max_tokens=6)])
     answer = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     ids = torch.cat([batch["input_ids"][0], answer])
     hidden = model.llm(input_ids=ids[None], logits_at="none").hidden_states[0, -len(answer):]
     whole = model.talker.generate(answer, model.llm.get_input_embeddings()(answer), hidden, voice=1)
-    assert torch.equal(frames, whole)
+    assert torch.equal(frames.codes, whole.codes) and torch.allclose(frames.probs, whole.probs, atol=1e-6)
+    assert torch.equal(wav, model.codec.decode(*frames))           # chat decodes the finer books as expected codewords,
+    assert not torch.allclose(wav, model.codec.decode(frames.codes))  # not as the picked ones
 
 
 def test_new_talker_config_takes_typed_overrides_of_number_fields():
