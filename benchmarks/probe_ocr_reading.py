@@ -18,6 +18,10 @@ Both are scored (character accuracy as eval_omni scores OCR: 1 - CER, floored at
 images of another seed and on the square OCR images of a built test split (`--data DIR/test.jsonl`).
 
     python benchmarks/probe_ocr_reading.py --data /tmp/demo4_data/test.jsonl --tower_steps 3000 --slot_steps 1500
+
+`--frozen_tower CKPT` measures how readable a trained checkpoint's tower already is: its vision tower is loaded and
+frozen and only a fresh column head (dense loss) is trained on top, so the score is what the tower's output holds
+about the characters, the most a resampler reading it can pass on (`--slot_steps 0` to stop there).
 """
 import argparse
 import json
@@ -34,7 +38,7 @@ from torch import nn
 from dataset import build_toyworld as toyworld
 from dataset.media import image_to_tensor, load_image
 from eval_omni import char_accuracy
-from model.model_omni import OmniConfig, Resampler, spelling_loss
+from model.model_omni import OmniConfig, OmniModel, Resampler, spelling_loss
 from model.model_vision import SiglipVisionModel
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789. "  # every character of ToyWorld's English OCR texts, lower-cased
@@ -144,7 +148,10 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frozen_tower", default="", help="a checkpoint whose vision tower is read, frozen (see above)")
     args = p.parse_args()
+    if args.frozen_tower and args.tower_loss != "dense":
+        p.error("--frozen_tower trains the dense column head")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = OmniConfig.preset("tiny")
@@ -154,6 +161,9 @@ def main():
     print("held-out square OCR images: " + ", ".join(f"{k} {len(v[1])}" for k, v in held_out.items()))
 
     reader, start = ColumnReader(config), time.time()
+    if args.frozen_tower:
+        reader.tower.load_state_dict(OmniModel.from_pretrained(args.frozen_tower).vision_tower.state_dict())
+        reader.tower.requires_grad_(False)
 
     def reading_loss(step: int) -> torch.Tensor:
         pixels, texts, columns = generated(args.batch_size, seed=args.seed * 1_000_003 + step)
@@ -173,7 +183,7 @@ def main():
         print(f"reading {args.tower_loss} step {step} ({time.time() - start:.0f} s): loss {loss:.3f}, char accuracy "
               + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
 
-    train(reader.parameters(), args.tower_steps, args.lr, reading_loss, report_reading)
+    train([p for p in reader.parameters() if p.requires_grad], args.tower_steps, args.lr, reading_loss, report_reading)
 
     reader.requires_grad_(False)
     width = config.llm.hidden_size

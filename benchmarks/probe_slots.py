@@ -7,17 +7,21 @@ over cell slots and spare slots separately) and how often the decoded cell is ri
 (once the model spells: config.spelling_ids) its slots from TEXT_SLOTS_FROM on are read as the text warm-up's
 spelled stand-ins are written: each slot's nearest spelling code (the image pad's code the blank), repeats merged,
 blanks dropped; scored against the text by character accuracy (1 - CER, as eval_omni scores OCR).
+With --answers it also asks the checkpoint's LLM to read those images (eval_omni's OCR prompts), once as the slots
+come and once with every text slot snapped onto its nearest spelling code (the slots before them onto the pad's):
+how much of the gap between the slots' spelling and the answer is the LLM reading vectors off its codes.
 
     python benchmarks/probe_slots.py --ckpt out/demo/slots out/demo/align --data data/toyworld/test.jsonl
 """
 import argparse
+import json
 
 import torch
 
 from dataset.omni_dataset import OmniDataset, collate
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import COLORS, POSITIONS, SHAPES, SIZES, cell_texts
-from eval_omni import char_accuracy
+from eval_omni import char_accuracy, load, run_bench
 from model.model_omni import TEXT_SLOTS_FROM, MediaInputs, OmniModel, relative_error
 
 OBJECTS = [()] + [(c, s, z) for c in COLORS for s in SHAPES for z in SIZES]  # () = empty cell
@@ -89,11 +93,33 @@ def read_text_images(ckpt: str, data: str, limit: int) -> dict | None:
     return {"images": len(scores), "char_accuracy": sum(scores) / len(scores), "examples": examples[:4]}
 
 
+@torch.no_grad()
+def answers_on_square_text(ckpt: str, data: str, snap: bool) -> float:
+    """OCR character accuracy of the checkpoint's answers on the square text images, text slots snapped or not."""
+    model, processor = load(ckpt, None, "cpu")
+    codes = model.spelling_codes(blank_id=model.config.image_pad_id)               # [C+1, D]
+    embed_images = model.embed_images
+
+    def snapped(pixel_values, grid_hw):
+        slots = embed_images(pixel_values, grid_hw).clone()                        # [N, Q, D]
+        nearest = torch.cdist(slots[:, TEXT_SLOTS_FROM:], codes.expand(len(slots), -1, -1)).argmin(-1)
+        slots[:, TEXT_SLOTS_FROM:], slots[:, :TEXT_SLOTS_FROM] = codes[nearest], codes[0]
+        return slots
+    if snap:
+        model.embed_images = snapped
+    _, records = run_bench(model, processor, data, tasks={"ocr"})
+    with open(data, encoding="utf-8") as f:
+        square = {s["id"] for s in map(json.loads, f) if (s.get("meta") or {}).get("layout") == "square"}
+    scores = [r["score"] for r in records if r["id"] in square]
+    return sum(scores) / len(scores)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", nargs="+", required=True)
     parser.add_argument("--data", default="data/toyworld/test.jsonl")
     parser.add_argument("--limit", type=int, default=200, help="scene images to read")
+    parser.add_argument("--answers", action="store_true", help="also score the LLM's answers on the square texts")
     args = parser.parse_args()
     for ckpt in args.ckpt:
         r = probe(ckpt, args.data, args.limit)
@@ -105,6 +131,10 @@ def main():
         if r:
             print(f"{ckpt}: {r['images']} square text images | slots read back as spelled text: character accuracy "
                   f"{r['char_accuracy']:.3f} | e.g. " + ", ".join(f"{a!r} for {b!r}" for a, b in r["examples"]))
+        if r and args.answers:
+            print(f"{ckpt}: the LLM's answers on them: character accuracy "
+                  f"{answers_on_square_text(ckpt, args.data, False):.3f} from the slots as they come, "
+                  f"{answers_on_square_text(ckpt, args.data, True):.3f} with the text slots snapped onto their codes")
 
 
 if __name__ == "__main__":
