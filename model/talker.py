@@ -314,9 +314,11 @@ class Talker(nn.Module):
         if done <= emitted:
             yield SpokenFrames.empty(K, self.config.vocab_size, self.norm.weight.device)
             return emitted
-        grid, probs = torch.stack(columns, 1), torch.stack(dists, 1)           # [K, steps], [K, steps, V]
-        yield SpokenFrames(torch.stack([grid[k, k + emitted:k + done] for k in range(K)]),     # undo the delay
-                           torch.stack([probs[k, k + emitted:k + done] for k in range(K)]))
+        steps = slice(emitted, done + K - 1)          # frame f's codebook k was picked at step f + k
+        grid, probs = torch.stack(columns[steps], 1), torch.stack(dists[steps], 1)   # [K, n], [K, n, V]
+        n = done - emitted
+        yield SpokenFrames(torch.stack([grid[k, k:k + n] for k in range(K)]),     # undo the delay
+                           torch.stack([probs[k, k:k + n] for k in range(K)]))
         return done
 
     def generate(self, ids: torch.Tensor, text_embeds: torch.Tensor, hidden: torch.Tensor, voice: int = 0,
