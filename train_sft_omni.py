@@ -57,8 +57,8 @@ def main(argv=None):
     finish_stage(model, tokenizer, args)
 
 
-SOUND_PHONEMES = 12  # the longest ToyWorld word has 9; held-out CER 17.2% (5 seeds, picked codes) vs 19.6-21.1%
-                    # without (README)
+# the longest ToyWorld word has 9; held-out CER 17.2% (5 seeds, picked codes) vs 19.6-21.1% without (README)
+SOUND_PHONEMES = 12
 
 
 def attach_talker(model, args, tokenizer) -> MelCodec:

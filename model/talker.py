@@ -13,8 +13,8 @@ What it writes. Codec frames of `n_codebooks` codes each (with the distribution 
 SpokenFrames; the codec decodes the finer codebooks as their expected codeword), with a DELAY pattern: codebook k
 is shifted k steps later, so one step predicts codebook 0 of frame f together with codebook 1 of frame f-1, ...,
 and the finer codebooks of a frame are always predicted after the coarser ones of that frame were fed back. One
-head per codebook. Each codebook's vocabulary has two extra ids: FILL (the empty slots the delay leaves at the start and
-end) and STOP (codebook 0 only: the speech is over).
+head per codebook. Each codebook's vocabulary has two extra ids: FILL (the empty slots the delay leaves at the start
+and end) and STOP (codebook 0 only: the speech is over).
 
     delayed grid, 3 codebooks, F = 3 frames (c = code, S = STOP, . = FILL)
         step       0    1    2    3    4
