@@ -233,17 +233,20 @@ def ask_count(rng, lang):
     """Count all shapes, one colour (sometimes an absent one: the answer 0 probes hallucination) or one shape."""
     few_colors = rng.sample(list(T.COLORS), rng.randint(1, 3)) if rng.random() < 0.5 else None  # counts above 1
     scene = sample_scene(rng, 1, 6, few_colors)
-    objs = scene["objects"]
+    q, ans, query = count_turn(rng, lang, scene["objects"])
+    return scene, q, ans, {"query": query}
+
+
+def count_turn(rng, lang: str, objs: list[dict]) -> tuple[str, str, dict]:
+    """A count question on these objects -> (question, answer, query): of everything, of one colour (twice as
+    often) or of one shape; 70% of the time a colour / shape the objects have, else any (the answer may be 0)."""
     mode = rng.choice(["all", "color", "color", "shape"])
     if mode == "all":
-        q, query, n = T.count_question(lang, rng), {}, len(objs)
-    elif mode == "color":
-        color = rng.choice([o["color"] for o in objs] if rng.random() < 0.7 else list(T.COLORS))
-        q, query, n = T.count_question(lang, rng, color=color), {"color": color}, sum(o["color"] == color for o in objs)
-    else:
-        shape = rng.choice([o["shape"] for o in objs] if rng.random() < 0.7 else list(T.SHAPES))
-        q, query, n = T.count_question(lang, rng, shape=shape), {"shape": shape}, sum(o["shape"] == shape for o in objs)
-    return scene, q, T.answer(lang, str(n)), {"query": query}
+        return T.count_question(lang, rng), T.answer(lang, str(len(objs))), {}
+    pool = list(T.COLORS) if mode == "color" else list(T.SHAPES)
+    value = rng.choice([o[mode] for o in objs] if rng.random() < 0.7 else pool)
+    return (T.count_question(lang, rng, **{mode: value}), T.answer(lang, str(sum(o[mode] == value for o in objs))),
+            {mode: value})
 
 
 def ask_position(rng, lang):
@@ -270,8 +273,9 @@ def unique_in(objs: list[dict], obj: dict, *keys: str) -> bool:
 
 def follow_up_questions(rng, lang: str, scene: dict, k: int, tasks=tuple(ASK)) -> list[tuple[str, str, int | None]]:
     """k more (question, answer, cell) turns about the SAME scene, each of a random one of `tasks`: one conversation
-    then trains k lookups on one scene (text warm-up's --questions_per_scene, the probe's --questions). cell: the
-    grid cell of the object asked about, None for a count (as toyworld_text.queried_cell for a dataset sample)."""
+    then trains k lookups on one scene (text warm-up's --questions_per_scene, the probe's --questions); a count is
+    drawn like the dataset's (count_turn). cell: the grid cell of the object asked about, None for a count (as
+    toyworld_text.queried_cell for a dataset sample)."""
     objs, turns = scene["objects"], []
     while len(turns) < k:
         task, o = rng.choice(list(tasks)), rng.choice(objs)
@@ -284,9 +288,7 @@ def follow_up_questions(rng, lang: str, scene: dict, k: int, tasks=tuple(ASK)) -
                  else T.shape_question(lang, rng, cell=cell_index(o)))
             turns.append((q, T.answer(lang, word(lang, o["shape"], T.SHAPES)), cell_index(o)))
         elif task == "count":
-            color = rng.choice(list(T.COLORS))
-            turns.append((T.count_question(lang, rng, color=color),
-                          T.answer(lang, str(sum(p["color"] == color for p in objs))), None))
+            turns.append((*count_turn(rng, lang, objs)[:2], None))
         elif unique_in(objs, o, "color", "shape"):
             pos = T.POSITIONS[cell_index(o)]
             turns.append((T.position_question(lang, rng, o["color"], o["shape"]),

@@ -253,7 +253,8 @@ def test_scene_probe_guess_is_a_random_objects_attribute():
 @pytest.mark.parametrize("lang", ["en", "zh"])
 def test_follow_up_questions_answer_from_their_scene(lang):
     """Several turns about one scene: on a one-object scene every colour / shape / position answer is that object's
-    (by hand from the scene), and a count is 1 exactly when the question names the object's colour."""
+    (by hand from the scene), and a count is 1 exactly when the question names the object's colour or shape or
+    counts everything."""
     rng = random.Random(5)
     for _ in range(20):
         scene = B.sample_scene(rng, 1, 1)
@@ -266,7 +267,14 @@ def test_follow_up_questions_answer_from_their_scene(lang):
             turns = B.follow_up_questions(rng, lang, scene, 3, tasks=[task])
             assert len(turns) == 3 and all(a == answer and cell == B.cell_index(obj) for _, a, cell in turns)
         for question, answer, cell in B.follow_up_questions(rng, lang, scene, 5, tasks=["count"]):
-            named = B.word(lang, obj["color"], T.COLORS) in question
+            colors = [B.word(lang, c, T.COLORS) for c in T.COLORS]
+            shapes = [T.SHAPES[x][0 if lang == "en" else 1] for x in T.SHAPES]
+            if any(c in question for c in colors):
+                named = B.word(lang, obj["color"], T.COLORS) in question
+            elif any(x in question for x in shapes):
+                named = T.SHAPES[obj["shape"]][0 if lang == "en" else 1] in question
+            else:
+                named = True  # every shape counted
             assert cell is None
             assert answer == T.answer(lang, "1" if named else "0")
 
