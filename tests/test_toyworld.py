@@ -267,12 +267,11 @@ def test_follow_up_questions_answer_from_their_scene(lang):
             turns = B.follow_up_questions(rng, lang, scene, 3, tasks=[task])
             assert len(turns) == 3 and all(a == answer and cell == B.cell_index(obj) for _, a, cell in turns)
         for question, answer, cell in B.follow_up_questions(rng, lang, scene, 5, tasks=["count"]):
-            colors = [B.word(lang, c, T.COLORS) for c in T.COLORS]
-            shapes = [T.SHAPES[x][0 if lang == "en" else 1] for x in T.SHAPES]
-            if any(c in question for c in colors):
+            shape_noun = {x: T.SHAPES[x][0 if lang == "en" else 1] for x in T.SHAPES}  # as count questions say it
+            if any(B.word(lang, c, T.COLORS) in question for c in T.COLORS):
                 named = B.word(lang, obj["color"], T.COLORS) in question
-            elif any(x in question for x in shapes):
-                named = T.SHAPES[obj["shape"]][0 if lang == "en" else 1] in question
+            elif any(noun in question for noun in shape_noun.values()):
+                named = shape_noun[obj["shape"]] in question
             else:
                 named = True  # every shape counted
             assert cell is None
