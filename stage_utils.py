@@ -40,6 +40,9 @@ def add_model_args(parser, data: list[str], tasks: str = ""):
     g = parser.add_argument_group("model and data")
     g.add_argument("--preset", default="tiny", choices=["tiny", "qwen3_0_6b"], help="shapes of a random-init model")
     g.add_argument("--init", default="", help="start from a stage output folder (config.json + weights + tokenizer)")
+    g.add_argument("--graft", nargs="+", default=[], metavar="COMPONENTS=DIR",
+                   help="after --init, take these components from another stage output, e.g. vision,resampler=out/slots"
+                        " (warm-ups of different parts run side by side and meet here: scripts/demo.sh)")
     g.add_argument("--llm", default="", help="local Qwen3 folder (with --vision and --audio: real pretrained towers)")
     g.add_argument("--vision", default="", help="local SigLIP/SigLIP2 folder")
     g.add_argument("--audio", default="", help="local Whisper folder (its encoder is used)")
@@ -73,8 +76,15 @@ def component_lrs(args, defaults: dict[str, float]) -> dict[str, float]:
 def build_model(args) -> tuple[OmniModel, object]:
     """-> (model, tokenizer). Seeded first, so a random init is rebuilt bit-identically when a run resumes."""
     torch.manual_seed(args.seed)
+    if args.graft and not args.init:
+        raise SystemExit("--graft adds parts to the --init checkpoint; give --init too")
     if args.init:
         model, tokenizer = OmniModel.from_pretrained(args.init), load_tokenizer(args.init)
+        for spec in args.graft:
+            components, _, folder = spec.partition("=")
+            if not folder:
+                raise SystemExit(f"--graft {spec!r}: expected COMPONENTS=DIR, e.g. vision,resampler=out/slots")
+            model.graft(OmniModel.from_pretrained(folder), components.split(","), folder)
     elif args.llm or args.vision or args.audio:
         if not (args.llm and args.vision and args.audio):
             raise SystemExit("--llm, --vision and --audio go together (local Qwen3, SigLIP2 and Whisper folders)")

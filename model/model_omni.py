@@ -681,6 +681,37 @@ class OmniModel(nn.Module):
         self.config.external_weights[component] = os.path.abspath(folder)
         return self
 
+    # config fields a stage sets; everything else must agree before two checkpoints' parts can meet in one model
+    STAGE_FIELDS = ("external_weights", "reads_standins", "spelling_ids", "talker")
+
+    def graft(self, donor: "OmniModel", components: list[str], what: str = "the donor") -> "OmniModel":
+        """Take `components` (COMPONENTS names) from another checkpoint of the same config, so that warm-ups which
+        train different parts can run side by side and meet in one model (scripts/demo.sh: the vision + slots
+        warm-ups beside the audio + listen + text ones). What the config says about a part travels with it: the
+        LLM's reads_standins, the projectors' spelling_ids (two different spellings are an error), a tower's
+        source folder."""
+        unknown = [c for c in components if c not in self.COMPONENTS]
+        if unknown:
+            raise ValueError(f"cannot graft {unknown} from {what}: choose from {list(self.COMPONENTS)}")
+        mine, theirs = self.config.to_dict(), donor.config.to_dict()
+        differ = [k for k in mine if k not in self.STAGE_FIELDS and mine[k] != theirs[k]]
+        if differ:
+            raise ValueError(f"cannot graft from {what}: its config differs in {differ}")
+        spelling = donor.config.spelling_ids if {"resampler", "audio_projector"} & set(components) else None
+        if spelling and self.config.spelling_ids and spelling != self.config.spelling_ids:
+            raise ValueError(f"cannot graft {components} from {what}: it spells with other characters")
+        for component in components:
+            attr = self.COMPONENTS[component]
+            load_state_dict_checked(getattr(self, attr), getattr(donor, attr).state_dict(), f"{component} from {what}")
+            if component in donor.config.external_weights:
+                self.config.external_weights[component] = donor.config.external_weights[component]
+            else:
+                self.config.external_weights.pop(component, None)
+        if "llm" in components:
+            self.config.reads_standins = donor.config.reads_standins
+        self.config.spelling_ids = spelling or self.config.spelling_ids
+        return self
+
     @staticmethod
     def from_hf_folders(llm: str, vision: str, audio: str, **config_overrides) -> "OmniModel":
         """A fresh omni model around real Qwen3 / SigLIP2 / Whisper checkpoints (projectors randomly initialised)."""

@@ -13,7 +13,8 @@ DATA=${DATA:-data/toyworld}
 OUT=${OUT:-out/demo}
 COMMON=(--swanlab_mode "${SWANLAB_MODE:-offline}" --resume auto --log_every 25)
 mkdir -p "$OUT/logs"
-TIMES=()
+TIMES="$OUT/logs/times.txt"  # one line per stage (a file: the two warm-up sides below run in subshells)
+: > "$TIMES"
 # the yardstick for the stage times below: "2 CPU cores" differ by 2x from one machine to the next
 MACHINE=$(python benchmarks/machine_speed.py)
 echo "$MACHINE"
@@ -28,22 +29,33 @@ run() {  # run NAME CMD...: log to $OUT/logs/NAME.log, print the last progress l
     exit 1
   fi
   tr '\r' '\n' < "$OUT/logs/$name.log" | grep -E "^step " | tail -n 1 || true
-  TIMES+=("$(printf '%-8s %5d s' "$name" $((SECONDS - start)))")
+  printf '%-8s %5d s\n' "$name" $((SECONDS - start)) >> "$TIMES"
 }
 
 [ -f "$DATA/test.jsonl" ] || run data python dataset/build_toyworld.py --out "$DATA"
-run vision python train_pretrain_omni.py --stage vision --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --out "$OUT/vision" "${COMMON[@]}"
+# The warm-ups of the image side (vision tower, then the resampler's slots) and of the sound + language side (audio
+# tower, its projector, the LLM) train different parts: they run side by side on half the cores each and meet at
+# align (--graft). On 2 cores that is ~1.25x the throughput of one after the other (docs/experiments.md, stop 31).
+export OMP_NUM_THREADS=$(( $(nproc) > 3 ? $(nproc) / 2 : 1 ))
+start=$SECONDS
+( run vision python train_pretrain_omni.py --stage vision --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
+    --out "$OUT/vision" "${COMMON[@]}"
+  run slots python train_pretrain_omni.py --stage slots --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
+    --init "$OUT/vision" --out "$OUT/slots" "${COMMON[@]}" ) &
+IMAGE_SIDE=$!
+trap 'kill $IMAGE_SIDE $(pgrep -P $IMAGE_SIDE) 2>/dev/null || true' EXIT  # the sound side failed: stop both
 run audio python train_pretrain_omni.py --stage audio --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --init "$OUT/vision" --out "$OUT/audio" "${COMMON[@]}"
-run text python train_pretrain_omni.py --stage text --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --init "$OUT/audio" --out "$OUT/text" "${COMMON[@]}"
-run slots python train_pretrain_omni.py --stage slots --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --init "$OUT/text" --out "$OUT/slots" "${COMMON[@]}"
+  --out "$OUT/audio" "${COMMON[@]}"
 run listen python train_pretrain_omni.py --stage listen --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --init "$OUT/slots" --out "$OUT/listen" "${COMMON[@]}"
+  --init "$OUT/audio" --out "$OUT/listen" "${COMMON[@]}"
+run text python train_pretrain_omni.py --stage text --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
+  --init "$OUT/listen" --out "$OUT/text" "${COMMON[@]}"
+wait $IMAGE_SIDE || { echo "the image side's warm-ups failed"; exit 1; }
+trap - EXIT
+printf '%-8s %5d s\n' "(side by side: vision + slots | audio + listen + text)" $((SECONDS - start)) >> "$TIMES"
+unset OMP_NUM_THREADS
 run align python train_pretrain_omni.py --stage align --data "$DATA/pretrain.jsonl" \
-  --init "$OUT/listen" --out "$OUT/align" "${COMMON[@]}"
+  --init "$OUT/text" --graft vision,resampler="$OUT/slots" --out "$OUT/align" "${COMMON[@]}"
 # SFT keeps the warmed-up audio tower frozen: trained on SFT's 600 clips it undoes the spelling (asr 0.73 vs 0.80);
 # the LLM at a third of the lr: at 3e-4 it forgets how to read the spelled speech (asr 0.76 vs 0.84, README)
 run sft python train_sft_omni.py --data "$DATA/sft.jsonl" --init "$OUT/align" --out "$OUT/sft" \
@@ -92,7 +104,7 @@ if [ "${SPEAK:-0}" = 1 ]; then  # speech output: ToyWorld with spoken answers + 
 fi
 echo
 echo "time per stage:"
-printf '  %s\n' "${TIMES[@]}"
+sed 's/^/  /' "$TIMES"
 echo "total: $SECONDS s on this $MACHINE"
 echo "checkpoint: $OUT/sft   (chat: python eval_omni.py --ckpt $OUT/sft --image img.png \"What is in the picture?\")"
 echo "results:    $OUT/results.json, per-sample predictions in $OUT/results.samples.jsonl"

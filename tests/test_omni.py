@@ -326,6 +326,38 @@ def test_freeze_by_component():
         model.freeze("talker")
 
 
+def test_graft_takes_the_named_parts_and_what_the_config_says_about_them():
+    torch.manual_seed(0)
+    base = OmniModel(tiny_config())
+    torch.manual_seed(1)
+    donor = OmniModel(tiny_config())
+    donor.config.reads_standins, donor.config.spelling_ids = True, [[5], [6]]
+    donor.config.external_weights["vision"] = "/models/siglip"
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    base.graft(donor, ["vision", "resampler"])
+    theirs = donor.state_dict()
+    for key, value in base.state_dict().items():
+        taken = key.startswith(("vision_tower.", "resampler."))
+        assert torch.equal(value, theirs[key] if taken else before[key]), key
+    assert not torch.equal(before["resampler.query"], theirs["resampler.query"])  # the two inits differ
+    assert base.config.spelling_ids == [[5], [6]]          # the resampler spells with the donor's characters
+    assert base.config.external_weights == {"vision": "/models/siglip"}
+    assert not base.config.reads_standins                  # an LLM property: only grafting the LLM brings it
+    base.graft(donor, ["llm"])
+    assert base.config.reads_standins and torch.equal(base.llm.lm_head.weight, donor.llm.lm_head.weight)
+
+    other = OmniModel(tiny_config())
+    other.config.spelling_ids = [[7], [6]]
+    with pytest.raises(ValueError, match="other characters"):
+        base.graft(other, ["audio_projector"])
+    with pytest.raises(ValueError, match="unknown|choose from"):
+        base.graft(donor, ["talker"])
+    wider = tiny_config()
+    wider.query_num = 8
+    with pytest.raises(ValueError, match="query_num"):
+        base.graft(OmniModel(wider), ["resampler"])
+
+
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config()

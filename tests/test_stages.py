@@ -528,6 +528,26 @@ def test_pack_rows_refuses_media():
                     "pixel_values": [torch.zeros(3, 8, 8)]}], 0)
 
 
+def test_side_by_side_warmups_grafted_at_align_give_the_chains_model(chain, world, tmp_path):
+    """scripts/demo.sh runs vision -> slots beside audio -> listen -> text and grafts the two at align. Each warm-up
+    trains only its own parts, so that must be, bit for bit, the model the one-after-the-other chain hands to align."""
+    data = ["--data", str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]
+    for stage, init in (("slots", ["--init", str(chain / "vision")]), ("audio", []),
+                        ("listen", ["--init", str(tmp_path / "audio")]), ("text", ["--init", str(tmp_path / "listen")])):
+        reading = ["--text_images", "16"] if stage == "slots" else []
+        train_pretrain_omni.main(["--stage", stage, "--out", str(tmp_path / stage), "--max_steps", "2", *init,
+                                  *reading, *data, *FAST])
+    args = train_pretrain_omni.parse_args(["--stage", "align", "--init", str(tmp_path / "text"),
+                                           "--graft", f"vision,resampler={tmp_path / 'slots'}", *data])
+    grafted, chained = build_model(args)[0], OmniModel.from_pretrained(str(chain / "listen"))
+    assert grafted.config == chained.config
+    ours, theirs = grafted.state_dict(), chained.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    with pytest.raises(SystemExit, match="COMPONENTS=DIR"):
+        build_model(train_pretrain_omni.parse_args(["--init", str(tmp_path / "text"), "--graft", "vision", *data]))
+
+
 def test_warmup_refuses_pretrained_towers(chain, monkeypatch):
     model, tokenizer = OmniModel.from_pretrained(str(chain / "align")), None
     model.config.external_weights["llm"] = "/a/qwen3/folder"
