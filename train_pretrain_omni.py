@@ -1,12 +1,14 @@
 """Pretraining: tower warm-ups, modality alignment, joint pretraining. One stage per run; each stage's --out is
-the next one's --init (and a checkpoint eval_omni.py can chat with).
+the next one's --init (and a checkpoint eval_omni.py can chat with). The warm-ups of the image side and of the sound +
+language side train different parts, so they can run side by side (scripts/demo.sh does) and meet at align, which
+takes the image side's parts with --graft; one after the other (--init the previous stage) gives the same model.
 
-    python train_pretrain_omni.py --stage vision --out out/vision            # tiny towers only: warm-ups
-    python train_pretrain_omni.py --stage audio  --out out/audio  --init out/vision
-    python train_pretrain_omni.py --stage text   --out out/text   --init out/audio
-    python train_pretrain_omni.py --stage slots  --out out/slots  --init out/text    # resampler alone
-    python train_pretrain_omni.py --stage listen --out out/listen --init out/slots   # audio projector alone
-    python train_pretrain_omni.py --stage align  --out out/align  --init out/listen  # resampler + audio projector
+    python train_pretrain_omni.py --stage vision --out out/vision                    # tiny towers only: warm-ups
+    python train_pretrain_omni.py --stage slots  --out out/slots  --init out/vision  # resampler alone
+    python train_pretrain_omni.py --stage audio  --out out/audio                     # beside the two above:
+    python train_pretrain_omni.py --stage listen --out out/listen --init out/audio   # audio projector alone
+    python train_pretrain_omni.py --stage text   --out out/text   --init out/listen  # the LLM
+    python train_pretrain_omni.py --stage align  --out out/align  --init out/text --graft vision,resampler=out/slots
     python train_pretrain_omni.py --stage joint  --out out/joint  --init out/align   # everything trains
     torchrun --nproc_per_node 2 train_pretrain_omni.py --stage align ...          # DDP: NCCL on GPU, gloo on CPU
 
