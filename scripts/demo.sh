@@ -35,21 +35,23 @@ run() {  # run NAME CMD...: log to $OUT/logs/NAME.log, print the last progress l
 [ -f "$DATA/test.jsonl" ] || run data python dataset/build_toyworld.py --out "$DATA"
 # The warm-ups of the image side (vision tower, then the resampler's slots) and of the sound + language side (audio
 # tower, its projector, the LLM) train different parts: they run side by side on half the cores each and meet at
-# align (--graft). On 2 cores that is ~1.25x the throughput of one after the other (docs/experiments.md, stop 31).
+# align (--graft). On 2 cores that is ~1.25x the throughput of one after the other, and without DataLoader worker
+# processes competing for the cores another ~8% (docs/experiments.md, stop 31).
 export OMP_NUM_THREADS=$(( $(nproc) > 3 ? $(nproc) / 2 : 1 ))
+SIDE=(--num_workers 0)
 start=$SECONDS
 ( run vision python train_pretrain_omni.py --stage vision --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-    --out "$OUT/vision" "${COMMON[@]}"
+    --out "$OUT/vision" "${COMMON[@]}" "${SIDE[@]}"
   run slots python train_pretrain_omni.py --stage slots --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-    --init "$OUT/vision" --out "$OUT/slots" "${COMMON[@]}" ) &
+    --init "$OUT/vision" --out "$OUT/slots" "${COMMON[@]}" "${SIDE[@]}" ) &
 IMAGE_SIDE=$!
 trap 'kill $IMAGE_SIDE $(pgrep -P $IMAGE_SIDE) 2>/dev/null || true' EXIT  # the sound side failed: stop both
 run audio python train_pretrain_omni.py --stage audio --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --out "$OUT/audio" "${COMMON[@]}"
+  --out "$OUT/audio" "${COMMON[@]}" "${SIDE[@]}"
 run listen python train_pretrain_omni.py --stage listen --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --init "$OUT/audio" --out "$OUT/listen" "${COMMON[@]}"
+  --init "$OUT/audio" --out "$OUT/listen" "${COMMON[@]}" "${SIDE[@]}"
 run text python train_pretrain_omni.py --stage text --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --init "$OUT/listen" --out "$OUT/text" "${COMMON[@]}"
+  --init "$OUT/listen" --out "$OUT/text" "${COMMON[@]}" "${SIDE[@]}"
 wait $IMAGE_SIDE || { echo "the image side's warm-ups failed"; exit 1; }
 trap - EXIT
 printf '%-8s %5d s\n' "(side by side: vision + slots | audio + listen + text)" $((SECONDS - start)) >> "$TIMES"
