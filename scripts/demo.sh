@@ -35,8 +35,8 @@ run() {  # run NAME CMD...: log to $OUT/logs/NAME.log, print the last progress l
 [ -f "$DATA/test.jsonl" ] || run data python dataset/build_toyworld.py --out "$DATA"
 # The warm-ups of the image side (vision tower, then the resampler's slots) and of the sound + language side (audio
 # tower, its projector, the LLM) train different parts: they run side by side on half the cores each and meet at
-# align (--graft). On 2 cores that is ~1.25x the throughput of one after the other, and without DataLoader worker
-# processes competing for the cores another ~8% (docs/experiments.md, stop 31).
+# align (--graft). On 2 cores the five take 985 s instead of 1,275 one after the other; without DataLoader workers,
+# which would only compete for the cores (docs/experiments.md, stop 31).
 export OMP_NUM_THREADS=$(( $(nproc) > 3 ? $(nproc) / 2 : 1 ))
 SIDE=(--num_workers 0)
 start=$SECONDS
@@ -45,7 +45,7 @@ start=$SECONDS
   run slots python train_pretrain_omni.py --stage slots --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
     --init "$OUT/vision" --out "$OUT/slots" "${COMMON[@]}" "${SIDE[@]}" ) &
 IMAGE_SIDE=$!
-trap 'kill $IMAGE_SIDE $(pgrep -P $IMAGE_SIDE) 2>/dev/null || true' EXIT  # the sound side failed: stop both
+trap 'kill $IMAGE_SIDE $(pgrep -P $IMAGE_SIDE) 2>/dev/null || true' EXIT  # this side failed: stop the other too
 run audio python train_pretrain_omni.py --stage audio --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
   --out "$OUT/audio" "${COMMON[@]}" "${SIDE[@]}"
 run listen python train_pretrain_omni.py --stage listen --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
