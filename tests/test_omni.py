@@ -350,7 +350,7 @@ def test_graft_takes_the_named_parts_and_what_the_config_says_about_them():
     other.config.spelling_ids = [[7], [6]]
     with pytest.raises(ValueError, match="other characters"):
         base.graft(other, ["audio_projector"])
-    with pytest.raises(ValueError, match="unknown|choose from"):
+    with pytest.raises(ValueError, match="choose from"):
         base.graft(donor, ["talker"])
     wider = tiny_config()
     wider.query_num = 8
