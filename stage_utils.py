@@ -21,7 +21,8 @@ from dataset.build_toyworld import (ASK, char_columns, follow_up_questions, gen_
                                     render_text)
 from dataset.chat import (MARKERS, fits_text_slots, lookup_targets, slot_standin_ids, spelled_length,
                           spelling_targets, standin_ids, tokenize_conversation)
-from dataset.media import audio_features, image_to_tensor, load_image, read_video, video_placeholder
+from dataset.media import (audio_features, image_pixels, image_to_tensor, load_image, normalize_pixels, read_video,
+                           video_placeholder)
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, length_grouped_batches, pack_rows
 from dataset.tokenizer import load_tokenizer
 from dataset.toyworld_text import (describe_media, frame_objects, frame_slots, queried_slots, scene_slots,
@@ -344,8 +345,11 @@ def scene_cells(objects: list[dict]) -> torch.Tensor:
 
 class VisionWarmupData(Dataset):
     """Items: a scene image, or the frames of a clip the model reads (at most max_frames), with per-cell targets;
-    then `text_images` square rendered-text images drawn by ToyWorld's own OCR generator (rendered when read, seeded
-    by their index) with the character centred in each reading column (build_toyworld.char_columns)."""
+    then `text_images` square rendered-text images drawn by ToyWorld's own OCR generator (seeded by their index)
+    with the character centred in each reading column (build_toyworld.char_columns).
+
+    Every image is decoded (or rendered) once, here, and kept as uint8 pixels (the demo's 11,400 images of 112 px:
+    430 MB): decoding and rendering them again in each of 8 epochs was 12% of the warm-up's time on one core."""
 
     def __init__(self, paths: list[str], max_frames: int, chars: list[str], text_images: int = 0, seed: int = 0,
                  columns: int = 16):
@@ -360,11 +364,16 @@ class VisionWarmupData(Dataset):
             elif s.get("task") == "video":
                 self.items.append(("video", os.path.join(root, s["videos"][0]), m))
         self.items += [("text", None, spec) for spec in generated_text_images(text_images, seed)]
+        self.decoded = [self._decode(i) for i in range(len(self.items))]
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return [(normalize_pixels(pixels), cells, columns) for pixels, cells, columns in self.decoded[i]]
+
+    def _decode(self, i) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """[(Uint8[3, S, S], cell targets Long[9, 3], column targets Long[columns])] of item i, -100 = no target."""
         kind, path, target = self.items[i]
         no_cells, no_columns = torch.full((9, len(CELL_FIELDS)), -100), torch.full((self.columns,), -100)
         if kind == "text":
@@ -373,11 +382,11 @@ class VisionWarmupData(Dataset):
             for ch, column in zip(target["lines"][0].lower(), char_columns(target, self.columns)):
                 if column is not None:
                     columns[column] = self.char_index.get(ch, 0)
-            return [(image_to_tensor(image), no_cells, columns)]
+            return [(image_pixels(image), no_cells, columns)]
         if kind == "scene":
-            return [(image_to_tensor(load_image(path)), scene_cells(target), no_columns)]
+            return [(image_pixels(load_image(path)), scene_cells(target), no_columns)]
         frames, _ = read_video(path, self.max_frames)
-        return [(image_to_tensor(f), scene_cells(objs), no_columns)
+        return [(image_pixels(f), scene_cells(objs), no_columns)
                 for f, objs in zip(frames, frame_objects(target, self.max_frames), strict=True)]
 
 

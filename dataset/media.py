@@ -74,8 +74,17 @@ def image_placeholder(grid, query_num: int) -> str:
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> [3, H, W] float with SigLIP's normalisation (x/255 - 0.5) / 0.5."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)  # [3, H, W]
-    return (x / 255.0 - 0.5) / 0.5
+    return normalize_pixels(image_pixels(img))
+
+
+def image_pixels(img: Image.Image) -> torch.Tensor:
+    """PIL -> Uint8[3, H, W], a quarter of the float tensor's memory: what a dataset keeps decoded."""
+    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # [3, H, W] view of [H, W, 3]
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Uint8[..., 3, H, W] -> float [..., 3, H, W], SigLIP's (x/255 - 0.5) / 0.5."""
+    return (pixels.float() / 255.0 - 0.5) / 0.5
 
 
 def load_image(path: str) -> Image.Image:

@@ -69,8 +69,9 @@ class OmniConfig:
                 llm=LLMConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
                               max_position_embeddings=2048, tie_word_embeddings=True),
+                # exact GELU, not SigLIP's tanh form: 2.6x faster on a CPU, the vision warm-up 10% (docs/experiments.md)
                 vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                    num_attention_heads=4, image_size=112, patch_size=14),
+                                    num_attention_heads=4, image_size=112, patch_size=14, hidden_act="gelu"),
                 audio=AudioConfig(num_mel_bins=80, d_model=128, encoder_layers=3, encoder_attention_heads=4,
                                   encoder_ffn_dim=512, max_source_positions=1500),
                 query_num=16, resampler_heads=8, scale_resolution=112, max_slice_nums=4,
