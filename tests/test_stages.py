@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,15 +20,17 @@ from safetensors.torch import load_file
 import eval_omni
 import train_pretrain_omni
 import train_sft_omni
-from dataset.build_toyworld import build
+from dataset.build_toyworld import build, render_text
 from dataset.chat import char_token_ids, spelled_length, spelled_rows
+from dataset.media import image_to_tensor, load_image, read_video
 from dataset.omni_dataset import OmniDataset, collate, jsonl_samples, pack_rows
 from model.model_omni import TEXT_SLOTS_FROM, MediaInputs, OmniConfig, OmniModel, relative_error, spelling_loss
 from model.warmup_heads import ListenWarmup, SlotWarmup, VisionWarmup
 from dataset.tokenizer import load_tokenizer
-from dataset.toyworld_text import cell_texts, frame_slots
+from dataset.toyworld_text import cell_texts, frame_objects, frame_slots
 from stage_utils import (AudioWarmupData, SlotWarmupData, TextDataset, VisionWarmupData, build_model, charset,
-                         collate_audio, collate_slots, collate_vision, omni_data, set_trainable, warmup_data)
+                         collate_audio, collate_slots, collate_vision, omni_data, scene_cells, set_trainable,
+                         warmup_data)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--swanlab_mode", "disabled", "--num_workers", "0", "--batch_size", "4", "--log_every", "1"]
@@ -375,6 +378,30 @@ def test_vision_warmup_learns_to_read_generated_text_images(world):
     mixed, scenes = collate_vision([data[i] for i in [0, 1] + texts[:2]]), collate_vision([data[0], data[1]])
     only_texts = collate_vision([data[i] for i in texts[:2]])
     assert torch.allclose(net(**mixed)["loss"], net(**scenes)["loss"] + net(**only_texts)["loss"], atol=1e-5)
+
+
+def test_vision_warmup_serves_each_image_as_decoded_once(world):
+    """The vision warm-up decodes (and renders) every image once and keeps uint8 pixels: each item it serves equals
+    the straight path from the file or the renderer (image_to_tensor, values and layout), for a scene, every frame
+    of a clip and a text image, with that item's own targets."""
+    paths = [str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]
+    data = VisionWarmupData(paths, 4, charset(paths), text_images=3, seed=5, columns=16)
+    kinds = [item[0] for item in data.items]
+    scene, video, text = kinds.index("scene"), kinds.index("video"), kinds.index("text") + 1
+    _, path, objects = data.items[scene]
+    (pixels, cells, _), = data[scene]
+    expected = image_to_tensor(load_image(path))
+    assert torch.equal(pixels, expected) and pixels.stride() == expected.stride()
+    assert torch.equal(cells, scene_cells(objects))
+    frames, _ = read_video(data.items[video][1], 4)
+    served = data[video]
+    assert len(served) == len(frames) > 1
+    assert all(torch.equal(px, image_to_tensor(f)) for (px, _, _), f in zip(served, frames))
+    assert [c.tolist() for _, c, _ in served] == [scene_cells(objs).tolist()
+                                                  for objs in frame_objects(data.items[video][2], 4)]
+    (pixels, _, _), = data[text]
+    assert torch.equal(pixels, image_to_tensor(render_text(data.items[text][2], np.random.default_rng([5, text]))))
+    assert not torch.equal(pixels, data[text - 1][0][0])
 
 
 def test_slot_warmup_fits_the_resampler_alone(world):
