@@ -283,6 +283,7 @@ class TextDataset(Dataset):
                     continue
                 sample, standins = dict(sample, conversations=turns), Standins({}, None, None, [])
             self.samples.append((sample, standins))
+        self.items = [self._tokenize(i) for i in range(len(self.samples))]  # once: the warm-up runs 2 epochs
 
     @staticmethod
     def _strip(text: str) -> str:
@@ -294,6 +295,9 @@ class TextDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
+        return self.items[i]
+
+    def _tokenize(self, i) -> dict:
         sample, standins = self.samples[i]
         input_ids, labels = tokenize_conversation(sample, self.tokenizer, standins.expansions)
         words = standin_ids(input_ids, self.tokenizer, standins.slots, standins.spelled, standins.frames,
