@@ -38,7 +38,7 @@ run() {  # run NAME CMD...: log to $OUT/logs/NAME.log, print the last progress l
 [ -f "$DATA/test.jsonl" ] || run data python dataset/build_toyworld.py --out "$DATA"
 # The warm-ups of the image side (vision tower, then the resampler's slots) and of the sound + language side (audio
 # tower, its projector, the LLM) train different parts: they run side by side on half the cores each and meet at
-# align (--graft). On 2 cores the five take 985 s instead of 1,275 one after the other (docs/experiments.md, stop 31).
+# align (--graft). Stop 31 measured the five at 985 s side by side, 1,275 one after the other (docs/experiments.md).
 export OMP_NUM_THREADS=$(( $(nproc) > 3 ? $(nproc) / 2 : 1 ))
 start=$SECONDS
 ( run vision python train_pretrain_omni.py --stage vision --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
