@@ -152,26 +152,25 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, mask, cache=None):  # x [B, T, H]
+    def forward(self, x, cos, sin, mask, cache=None, watch=False):  # x [B, T, H] -> [B, T, H]
+        """watch=True (training, no cache) also returns the attention weights [B, nh, T, T], for losses that steer
+        where a head looks. SDPA's fused kernel never forms them, so the layer then attends with explicit weights:
+        once, with the very weights the loss sees (the text warm-up runs 8-12% faster than computing them twice)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                    # [B, nkv, S, hd], S = past + T
-        rep = self.n_heads // self.n_kv                                  # query head h uses kv head h // rep
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, nh, S, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, nh, T, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))       # [B, T, H]
-
-    def probabilities(self, x, cos, sin, mask=None):  # x [B, T, H] -> [B, nh, T, T]
-        """The attention weights forward() uses (no cache; mask as forward's, None = causal): for losses that steer
-        where a head looks."""
-        T = x.shape[1]
-        q, k, _ = self.project(x, cos, sin)
-        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)       # [B, nh, T, hd]
+        if not watch:                                                    # query head h uses kv head h // (nh / nkv)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True)       # [B, nh, T, hd]
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))   # [B, T, H]
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, nh, T, hd]
         scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5      # [B, nh, T, T]
         if mask is None:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return self.o_proj((weights @ v).transpose(1, 2).reshape(B, T, -1)), weights
 
 
 class MLP(nn.Module):
@@ -197,9 +196,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):  # x [B, T, H]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, watch=False):  # x [B, T, H]; watch: see Attention
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, watch)
+        if watch:
+            attended, weights = attended                                # [B, T, H], [B, nh, T, T]
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, weights) if watch else x
 
 
 class Qwen3Model(nn.Module):
@@ -272,12 +275,10 @@ class Qwen3ForCausalLM(nn.Module):
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None
         attentions = None
         for i, layer in enumerate(self.model.layers):
+            args = (h, cos, sin, mask, cache, i == watch_layer)
+            h = checkpoint(layer, *args, use_reentrant=False) if use_checkpoint else layer(*args)
             if i == watch_layer:
-                attentions = layer.self_attn.probabilities(layer.input_layernorm(h), cos, sin, mask)  # [B,nh,T,T]
-            if use_checkpoint:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, cache)
+                h, attentions = h                               # [B, T, H], [B, nh, T, T]
         h = self.model.norm(h)                                  # [B, T, H]
 
         if logits_at is None:

@@ -208,8 +208,9 @@ class Talker(nn.Module):
         weights = None
         for i, layer in enumerate(self.layers):
             if i == watch:
-                weights = layer.self_attn.probabilities(layer.input_layernorm(x), cos, sin)
-            x = layer(x, cos, sin, mask, cache)
+                x, weights = layer(x, cos, sin, mask, cache, watch=True)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         return self.norm(x) if watch is None else (self.norm(x), weights)
 
     def token_centers(self, ids: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,24 @@ def test_packed_row_keeps_its_sequences_apart(pair):
 
 
 @torch.no_grad()
+def test_watched_layer_attends_with_transformers_weights(pair):
+    """watch_layer: that layer attends with explicit weights instead of SDPA's fused kernel; they are transformers'
+    eager attention weights of that layer, and the logits stay transformers' (left padding included)."""
+    hf, ours, _ = pair
+    ids, mask = padded_batch()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = ours(ids, attention_mask=mask, watch_layer=1)
+    eager = HFQwen3(Qwen3Config(**SMALL, tie_word_embeddings=hf.config.tie_word_embeddings,
+                                attn_implementation="eager")).eval()
+    eager.load_state_dict(hf.state_dict())
+    ref = eager(ids, attention_mask=mask, position_ids=pos, output_attentions=True)
+    real = mask.bool()
+    report("watched layer, logits", max_diff(out.logits[real], ref.logits[real]))
+    weights, ref_weights = out.attentions.transpose(1, 2)[real], ref.attentions[1].transpose(1, 2)[real]  # [N, nh, T]
+    report("watched layer, weights", max_diff(weights, ref_weights))
+
+
+@torch.no_grad()
 def test_kv_cache_decoding(pair):
     hf, ours, _ = pair
     ids, mask = padded_batch()

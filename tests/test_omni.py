@@ -275,9 +275,10 @@ def test_loss_ignores_minus_100_labels():
 
 
 def test_lookup_loss_is_the_cross_entropy_of_the_watched_heads():
-    """watch_layer returns the weights its layer attends with (the input of that layer, captured by a hook, through
-    Attention.probabilities); lookup_loss = mean over the targeted positions and over the heads sharing the first
-    key/value head of -log weight on the target slot of its half (hand-computed), added times lookup_weight."""
+    """watch_layer returns the weights its layer attends with (softmax of its queries and keys by hand, from the
+    layer's input captured by a hook); lookup_loss = mean over the targeted positions and over the heads sharing
+    the first key/value head of -log weight on the target slot of its half (hand-computed), added times
+    lookup_weight."""
     torch.manual_seed(0)
     cfg = tiny_config()
     model = OmniModel(cfg).eval()
@@ -292,8 +293,11 @@ def test_lookup_loss_is_the_cross_entropy_of_the_watched_heads():
     embeds = model.embed_inputs(batch["input_ids"], media_of(batch))
     out = model.llm(inputs_embeds=embeds, logits_at="none", watch_layer=model.lookup_layer)
     cos, sin = rope_cos_sin(torch.arange(T)[None], cfg.llm.head_dim, cfg.llm.rope_theta, embeds.dtype)
-    w = layer.self_attn.probabilities(seen["x"], cos, sin)                       # [1, nh, T, T]
-    assert torch.equal(out.attentions, w)
+    q, k, _ = layer.self_attn.project(seen["x"], cos, sin)                       # [1, nh, T, hd], [1, nkv, T, hd]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    w = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(future, float("-inf")).softmax(-1)  # [1, nh, T, T]
+    assert torch.allclose(out.attentions, w, atol=1e-6)
     heads = cfg.llm.num_attention_heads // cfg.llm.num_key_value_heads
     assert heads == 2                                    # one head per half: the first reads 5, the second 6
     by_hand = -torch.stack([w[0, 0, T - 2, 3], w[0, 1, T - 2, 3], w[0, 0, T - 1, 5], w[0, 1, T - 1, 6]]).log().mean()

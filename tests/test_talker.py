@@ -72,16 +72,17 @@ def test_loss_decreases_and_greedy_generation_stops_at_the_learned_length():
         assert torch.equal(talker.generate(t, e, h, int(v)).codes, c)   # the right codes, ended by STOP in time
 
 
-def test_attention_probabilities_are_the_weights_forward_uses():
+def test_watched_attention_is_the_fused_attention():
+    """A watched layer (the talker's guided layer) attends with explicit weights: the same output as SDPA's fused
+    causal kernel, and weights that are causal rows summing to 1 (their values: tests/test_llm.py, against
+    transformers)."""
     torch.manual_seed(0)
     cfg = LLMConfig(vocab_size=1, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8)
     attn, x = Attention(cfg, 0), torch.randn(2, 6, 32)
     cos, sin = rope_cos_sin(torch.arange(6).expand(2, 6), 8, cfg.rope_theta, x.dtype)
-    weights = attn.probabilities(x, cos, sin)                                   # [2, 4, 6, 6]
-    _, _, v = attn.project(x, cos, sin)
-    by_hand = attn.o_proj((weights @ v.repeat_interleave(2, dim=1)).transpose(1, 2).reshape(2, 6, 32))
-    assert torch.allclose(by_hand, attn(x, cos, sin, None), atol=1e-5)
+    out, weights = attn(x, cos, sin, None, watch=True)                          # [2, 6, 32], [2, 4, 6, 6]
+    assert torch.allclose(out, attn(x, cos, sin, None), atol=1e-5)
     assert torch.allclose(weights.sum(-1), torch.ones(2, 4, 6)) and weights.triu(1).abs().max() == 0   # causal
 
 
