@@ -157,6 +157,8 @@ class Attention(nn.Module):
         where a head looks. SDPA's fused kernel never forms them, so the layer then attends with explicit weights:
         once, with the very weights the loss sees (the text warm-up runs 8-12% faster than computing them twice)."""
         B, T, _ = x.shape
+        if watch and cache is not None:
+            raise ValueError("watched attention weights are for training passes, without a KV cache")
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                    # [B, nkv, S, hd], S = past + T
