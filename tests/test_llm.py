@@ -182,8 +182,8 @@ def test_gradient_checkpointing(pair):
     def loss_and_grads(ckpt):
         ours.zero_grad()
         ours.gradient_checkpointing = ckpt
-        logits = ours(ids, attention_mask=mask, logits_at=target).logits  # [N, V]
-        loss = F.cross_entropy(logits, ids[target])
+        out = ours(ids, attention_mask=mask, logits_at=target, watch_layer=1)  # a watched layer: its weights too
+        loss = F.cross_entropy(out.logits, ids[target]) + out.attentions.diagonal(dim1=-2, dim2=-1).mean()
         calls.clear()
         loss.backward()
         assert len(calls) == int(ckpt)  # checkpointing re-runs the layer in backward
