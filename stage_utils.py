@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from dataset.build_toyworld import (ASK, char_columns, follow_up_questions, gen_asr, gen_ocr, gen_scene_qa, gen_video,
                                     render_text)
-from dataset.chat import (MARKERS, fits_text_slots, lookup_targets, slot_standin_ids, spelled_length,
+from dataset.chat import (MARKERS, fits_text_slots, lookup_targets, slot_standin_ids, spelled_answer, spelled_length,
                           spelling_targets, standin_ids, tokenize_conversation)
 from dataset.media import (audio_features, image_pixels, image_to_tensor, load_image, normalize_pixels, read_video,
                            video_placeholder)
@@ -299,7 +299,8 @@ class TextDataset(Dataset):
 
     def _tokenize(self, i) -> dict:
         sample, standins = self.samples[i]
-        input_ids, labels = tokenize_conversation(sample, self.tokenizer, standins.expansions)
+        input_ids, labels = tokenize_conversation(sample, self.tokenizer, standins.expansions,
+                                                  spelled_answer(standins.read, standins.spelled))
         words = standin_ids(input_ids, self.tokenizer, standins.slots, standins.spelled, standins.frames,
                             standins.read)
         if words is None:

@@ -20,8 +20,9 @@ Stages (see the README for the why):
   speech as its transcript spelled one character per audio row, a square text image as its text spelled over the
   image slots a scene leaves spare, ...), plus 3,000 generated scenes of 6 questions each, where the lookup loss
   (--lookup_weight) points middle-layer heads at the slot a question asks about, 2,000 generated transcriptions
-  (spelling practice over the whole ASR lexicon) and 600 generated clips: what a pretrained LLM arrives able to
-  do. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
+  (spelling practice over the whole ASR lexicon) and 1,200 generated clips: what a pretrained LLM arrives able to
+  do. Answers that read a spelled medium back (OCR of a square text image, ASR) are written a character per
+  token. With real Qwen3 / SigLIP2 / Whisper folders these are skipped.
 - slots (tiny recipe too): the resampler alone learns to write each scene cell's stand-in into that cell's slot
   (each frame of a clip too), and each square text image's text spelled into the spare slots (--reading_weight),
   from the frozen tower (run once per image) and without the LLM. The stand-ins are fixed word codes, so the text
@@ -50,7 +51,7 @@ STAGES = {
                    text_images=6000),
     "audio": dict(train="audio", data=WARMUP_DATA, tasks="", epochs=3, batch_size=16, lr=2e-3, lrs={}),
     "text": dict(train="llm", data=WARMUP_DATA, tasks="", epochs=2, batch_size=16, lr=6e-4, lrs={},  # not 2e-3: README
-                 scene_questions=3000, questions_per_scene=6, transcriptions=2000, clips=600),
+                 scene_questions=3000, questions_per_scene=6, transcriptions=2000, clips=1200),  # 1,200: README
     "slots": dict(train="resampler", data=WARMUP_DATA, tasks="", epochs=6, batch_size=16, lr=2e-3, lrs={},
                   text_images=12000),
     "listen": dict(train="audio_projector", data=WARMUP_DATA, tasks="", epochs=4, batch_size=16, lr=2e-3, lrs={}),

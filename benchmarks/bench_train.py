@@ -247,7 +247,7 @@ def main():
     p.add_argument("--scene_questions", type=int, default=3000, help="--text_packing: the text stage's default")
     p.add_argument("--questions_per_scene", type=int, default=6, help="--text_packing: the text stage's default")
     p.add_argument("--transcriptions", type=int, default=2000, help="--text_packing: the text stage's default")
-    p.add_argument("--clips", type=int, default=600, help="--text_packing: the text stage's default")
+    p.add_argument("--clips", type=int, default=1200, help="--text_packing: the text stage's default")
     p.add_argument("--frozen_towers", action="store_true",
                    help="only time the slots / listen warm-ups' steps on served vs recomputed tower output")
     args = p.parse_args()

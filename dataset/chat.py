@@ -124,23 +124,50 @@ def _check_pad_counts(ids: torch.Tensor, tokenizer, media_expansions: dict[str, 
             raise SampleError("placeholder_mismatch", f"{got} {pad} tokens after tokenising, expected {expected}")
 
 
-def tokenize_conversation(sample: dict, tokenizer, media_expansions: dict[str, list[str]] | None = None):
-    """Sample -> (input_ids Long[T], labels Long[T]); labels are -100 except assistant answers + <|im_end|>."""
+def tokenize_conversation(sample: dict, tokenizer, media_expansions: dict[str, list[str]] | None = None,
+                          spell: str | None = None):
+    """Sample -> (input_ids Long[T], labels Long[T]); labels are -100 except assistant answers + <|im_end|>.
+    An answer that is exactly `spell` (spelled_answer: what a square text image's slots or a clip's audio pads
+    spell) is written a character per token: reading it is then copying characters off the spelled rows, not
+    picking the one word token the tokenizer has for each word, which one misread character defeats
+    (docs/experiments.md, stop 34)."""
     media_expansions = media_expansions or {}
     messages = expand_markers(conversation_messages(sample), media_expansions)
     pieces = render_pieces(messages, thinking=bool(sample.get("thinking", False)))
     text = "".join(t for t, _ in pieces)
     trained = torch.zeros(len(text) + 1, dtype=torch.bool)  # per character
+    spelled = torch.zeros(len(text) + 1, dtype=torch.bool)
     start = 0
     for piece, is_trained in pieces:
         trained[start:start + len(piece)] = is_trained
+        spelled[start:start + len(piece) - len("<|im_end|>")] = is_trained and piece == f"{spell}<|im_end|>"
         start += len(piece)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = torch.tensor(enc["input_ids"], dtype=torch.long)                  # [T]
-    first_char = torch.tensor([s for s, _ in enc["offset_mapping"]], dtype=torch.long)  # [T]
+    ids, first_chars = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
+    if spell:
+        ids, first_chars = _spell_tokens(tokenizer, text, ids, enc["offset_mapping"], spelled)
+    input_ids = torch.tensor(ids, dtype=torch.long)                               # [T]
+    first_char = torch.tensor(first_chars, dtype=torch.long)                      # [T]
     labels = torch.where(trained[first_char], input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     _check_pad_counts(input_ids, tokenizer, media_expansions)
     return input_ids, labels
+
+
+def _spell_tokens(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]], spelled: torch.Tensor
+                  ) -> tuple[list[int], list[int]]:
+    """(ids, first characters) with every token that lies inside a spelled span (spelled: Bool[len(text) + 1])
+    replaced by one token per character (a character the vocabulary lacks: its byte tokens)."""
+    out_ids, out_first = [], []
+    for token, (s, e) in zip(ids, offsets):
+        if e > s and spelled[s:e].all():
+            for k in range(s, e):
+                chars = _piece_ids(tokenizer, text[k])
+                out_ids += chars
+                out_first += [k] * len(chars)
+        else:
+            out_ids.append(token)
+            out_first.append(s)
+    return out_ids, out_first
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,6 +245,12 @@ def fits_text_slots(text: str, query_num: int) -> bool:
     """A square text image's text can be spelled over the slots from TEXT_SLOTS_FROM on: the one rule the text
     warm-up's stand-in, the slots warm-up's and align's reading targets share (a longer text stays text)."""
     return spelled_rows(text) <= query_num - TEXT_SLOTS_FROM
+
+
+def spelled_answer(read: list[str] | None, heard: list[str]) -> str | None:
+    """The text an answer is written a character per token for (tokenize_conversation's spell): what the sample's
+    one spelled medium spells, a square text image's text (read) or else a single clip's transcript (heard)."""
+    return read[0] if read else (heard[0] if len(heard) == 1 else None)
 
 
 def spelled_standin_ids(input_ids: torch.Tensor, tokenizer, transcripts: list[str], pad_token: str = AUDIO_PAD,

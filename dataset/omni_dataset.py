@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.chat import (IGNORE_INDEX, MARKERS, SampleError, conversation_messages, count_markers,
-                          fits_text_slots, lookup_targets, spelling_targets, standin_ids, tokenize_conversation)
+                          fits_text_slots, lookup_targets, spelled_answer, spelling_targets, standin_ids,
+                          tokenize_conversation)
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
 from dataset.toyworld_text import describe_media, frame_slots, queried_slots, scene_slots, text_image_reading
 
@@ -156,7 +157,14 @@ class OmniDataset(Dataset):
 
     def _load(self, sample: dict) -> dict:
         out, expansions = self._load_media(sample)
-        input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions)  # [T], [T]
+        spelling = self.config.spelling_ids
+        read = text_image_reading(sample) if spelling and self.standins else None
+        if not (read and fits_text_slots(read[0], self.config.query_num) and len(out.get("pixel_values", [])) == 1):
+            read = None  # a square text image is one slice, whose slots spell its text
+        transcripts = (describe_media(sample) or {}).get("audio", []) if self.standins else []
+        heard = transcripts if spelling and len(transcripts) == len(out.get("audio_features", [])) else []
+        input_ids, labels = tokenize_conversation(sample, self.tokenizer, expansions,
+                                                  spelled_answer(read, heard))  # [T], [T]
         if len(input_ids) > self.max_length:
             raise SampleError("too_long", f"{len(input_ids)} tokens > max_length {self.max_length}")
         speech = self._speech(sample["conversations"][-1], input_ids, labels) if self.codec is not None else {}
@@ -167,13 +175,9 @@ class OmniDataset(Dataset):
         if standin is not None:  # slots in cell order: the lookup loss may point at the one a question asks about
             out["standin_ids"] = standin
             out["lookup_slots"] = lookup_targets(input_ids, labels, self.tokenizer, queried_slots(sample, max_frames))
-        transcripts = (describe_media(sample) or {}).get("audio", []) if self.standins else []
-        spelling = self.config.spelling_ids
-        if spelling and transcripts and len(transcripts) == len(out.get("audio_features", [])):  # one chunk each
-            out["audio_spelling"] = [spelling_targets(self.tokenizer, text, spelling) for text in transcripts]
-        read = text_image_reading(sample) if self.standins else None
-        fits = read and fits_text_slots(read[0], self.config.query_num)
-        if spelling and fits and len(out.get("pixel_values", [])) == 1:  # a square text image is one slice
+        if heard:  # one chunk per clip
+            out["audio_spelling"] = [spelling_targets(self.tokenizer, text, spelling) for text in heard]
+        if read:
             out["image_spelling"] = [spelling_targets(self.tokenizer, read[0], spelling)]
         return dict(out, **speech, input_ids=input_ids, labels=labels)
 

@@ -206,6 +206,31 @@ def test_a_square_text_image_is_spelled_over_the_slots_a_scene_leaves_spare(tok)
     assert standin_ids(ids, tok, None, None, read=["elephant"]) is None  # 8 characters, 7 rows
 
 
+def test_an_answer_its_image_spells_is_written_a_character_per_token(tok):
+    """spell=text: the answer that is exactly text becomes one token per character (each the character's ids on
+    their own; a character the vocabulary lacks, its bytes), still trained and decoding to the same string; other
+    answers and the prompt keep their ids."""
+    expansion = {"image": [IMAGE_START + IMAGE_PAD * 16 + IMAGE_END]}
+    for answer in ["circle", "红色"]:
+        sample = {"conversations": [{"role": "user", "content": "<image>\nRead the text."},
+                                    {"role": "assistant", "content": answer},
+                                    {"role": "user", "content": "And the circle?"},
+                                    {"role": "assistant", "content": "The circle is red."}], "images": ["a.png"]}
+        ids, labels = tokenize_conversation(sample, tok, expansion)
+        spelled_ids, spelled_labels = tokenize_conversation(sample, tok, expansion, spell=answer)
+        whole = tok(answer, add_special_tokens=False)["input_ids"]
+        chars = sum((tok(c, add_special_tokens=False)["input_ids"] for c in answer), [])
+        assert len(whole) < len(chars)  # the test tokenizer merges this answer: spelling it changes the ids
+        trained = spelled_labels[spelled_labels != IGNORE_INDEX].tolist()
+        assert trained[:len(chars) + 1] == chars + [tok.convert_tokens_to_ids("<|im_end|>")]
+        assert spelled_labels[spelled_labels != IGNORE_INDEX].tolist()[len(chars):] == \
+            labels[labels != IGNORE_INDEX].tolist()[len(whole):]                # the second answer is untouched
+        assert tok.decode(spelled_ids.tolist()) == tok.decode(ids.tolist())
+        start = torch.nonzero(labels != IGNORE_INDEX)[0, 0]
+        assert torch.equal(spelled_ids[:start], ids[:start])                 # the prompt is untouched
+        assert torch.equal(tokenize_conversation(sample, tok, expansion, spell=answer + "x")[0], ids)
+
+
 def test_a_clip_stands_in_frame_by_frame(tok):
     """With frames, each block of video pads stands for its frame's cells like an image's slots, spare rows for the
     image pad (the resampler writes the same spare slots for both); image and video stand-ins keep their rows."""

@@ -99,11 +99,21 @@ def slot_words(tokenizer, standin_ids: torch.Tensor) -> list[str]:
             if (row >= 0).any()]
 
 
+def answer_ids(tokenizer, item: dict) -> list[int]:
+    """The trained ids of a one-answer sample without its <|im_end|>."""
+    return item["labels"][item["labels"] >= 0].tolist()[:-1]
+
+
+def char_ids(tokenizer, text: str) -> list[int]:
+    return sum((tokenizer(c, add_special_tokens=False)["input_ids"] for c in text), [])
+
+
 def test_text_warmup_reads_media_as_their_ground_truth(world):
     """The text stage replaces each medium by what it shows: a scene by one slot per grid cell holding that cell's
     words, speech by audio pads spelling its transcript, a square text image by its slots spelling the text (after
     the 9 a scene's cells use), the other media by text between their start/end tokens; answers stay the only
-    trained tokens. Checked against the jsonl's own ground truth for every family."""
+    trained tokens, and those that say back what a medium spells (ASR, square-text OCR) are written a character
+    per token. Checked against the jsonl's own ground truth for every family."""
     tokenizer = load_tokenizer(str(world / "tokenizer"))
     dataset = TextDataset([str(world / "sft.jsonl")], tokenizer, TINY)
     audio_pad, image_pad, video_pad = (tokenizer.convert_tokens_to_ids(t)
@@ -121,12 +131,16 @@ def test_text_warmup_reads_media_as_their_ground_truth(world):
         if sample.get("audios"):
             assert (item["input_ids"] == audio_pad).sum() == spelled_length(meta["transcript"])
             assert spelled(audio_pad) == meta["transcript"].lower()
+            if task == "asr":  # the answer says back what the pads spell: a character at a time
+                assert answer_ids(tokenizer, item) == char_ids(tokenizer, meta["transcript"])
         if task == "ocr" and meta["layout"] == "square" and spelled_rows(meta["text"]) <= 16 - TEXT_SLOTS_FROM:
             assert text.count("<image>" + "<|image_pad|>" * 16 + "</image>") == 1
             assert spelled(image_pad) == meta["text"].lower()
+            assert answer_ids(tokenizer, item) == char_ids(tokenizer, meta["text"])  # read a character at a time
             seen.add("square text")
         elif task == "ocr":  # wide and tall text images are sliced, a longer text does not fit: text
             assert f"<image>{meta['text']}</image>" in text
+            assert answer_ids(tokenizer, item) == tokenizer(meta["text"], add_special_tokens=False)["input_ids"]
         elif task == "video":  # at most 4 frames, each 16 slots: its cells' words, then spare (the image pad)
             frames = frame_slots(sample, 4)
             words = slot_words(tokenizer, item["standin_ids"][item["input_ids"] == video_pad])
@@ -430,8 +444,9 @@ def test_slot_warmup_fits_the_resampler_alone(world):
 def test_slot_warmup_spells_what_align_spells(chain, world):
     """Square text images: the slots stage's target for each (its text as classes of config.spelling_ids) is the
     one align's batches give its slice (OmniDataset image_spelling; other slices get length 0); both decode to the
-    text; align's reading loss is spelling_loss on the resampler's output for that slice after its first 9 slots,
-    the image pad's code the blank, plus the pull of those 9 onto that code."""
+    text, and the answer (as an ASR answer) is written a character per token as in the text warm-up (not without
+    stand-ins); align's reading loss is spelling_loss on the resampler's output for that slice after its first 9
+    slots, the image pad's code the blank, plus the pull of those 9 onto that code."""
     model, tokenizer = OmniModel.from_pretrained(str(chain / "slots")), load_tokenizer(str(chain / "slots"))
     spelling = model.config.spelling_ids
     set_trainable(model, ["resampler"])
@@ -447,6 +462,14 @@ def test_slot_warmup_spells_what_align_spells(chain, world):
         target = aligned[k]["image_spelling"][0]
         assert torch.equal(item["spelling"], target)
         assert "".join(tokenizer.decode(spelling[c - 1]) for c in target.tolist()) == sample["meta"]["text"].lower()
+        assert answer_ids(tokenizer, aligned[k]) == char_ids(tokenizer, sample["meta"]["text"])  # as the LLM learned
+    plain = OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024)  # no stand-ins (Qwen3): words
+    text = aligned.records[texts[0]][1]["meta"]["text"]
+    assert answer_ids(tokenizer, plain[texts[0]]) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    asr = next(k for k, (_, s) in enumerate(aligned.records) if s["task"] == "asr")
+    said = aligned.records[asr][1]["meta"]["transcript"]
+    assert answer_ids(tokenizer, aligned[asr]) == char_ids(tokenizer, said)  # speech read back: spelled too
+    assert answer_ids(tokenizer, plain[asr]) == tokenizer(said, add_special_tokens=False)["input_ids"]
     items = [aligned[texts[0]], aligned[caption]]
     batch = collate(items, tokenizer.pad_token_id)
     assert batch["image_spelling_lens"].tolist() == [len(items[0]["image_spelling"][0]), 0]
