@@ -99,7 +99,7 @@ def slot_words(tokenizer, standin_ids: torch.Tensor) -> list[str]:
             if (row >= 0).any()]
 
 
-def answer_ids(tokenizer, item: dict) -> list[int]:
+def answer_ids(item: dict) -> list[int]:
     """The trained ids of a one-answer sample without its <|im_end|>."""
     return item["labels"][item["labels"] >= 0].tolist()[:-1]
 
@@ -132,15 +132,15 @@ def test_text_warmup_reads_media_as_their_ground_truth(world):
             assert (item["input_ids"] == audio_pad).sum() == spelled_length(meta["transcript"])
             assert spelled(audio_pad) == meta["transcript"].lower()
             if task == "asr":  # the answer says back what the pads spell: a character at a time
-                assert answer_ids(tokenizer, item) == char_ids(tokenizer, meta["transcript"])
+                assert answer_ids(item) == char_ids(tokenizer, meta["transcript"])
         if task == "ocr" and meta["layout"] == "square" and spelled_rows(meta["text"]) <= 16 - TEXT_SLOTS_FROM:
             assert text.count("<image>" + "<|image_pad|>" * 16 + "</image>") == 1
             assert spelled(image_pad) == meta["text"].lower()
-            assert answer_ids(tokenizer, item) == char_ids(tokenizer, meta["text"])  # read a character at a time
+            assert answer_ids(item) == char_ids(tokenizer, meta["text"])  # read a character at a time
             seen.add("square text")
         elif task == "ocr":  # wide and tall text images are sliced, a longer text does not fit: text
             assert f"<image>{meta['text']}</image>" in text
-            assert answer_ids(tokenizer, item) == tokenizer(meta["text"], add_special_tokens=False)["input_ids"]
+            assert answer_ids(item) == tokenizer(meta["text"], add_special_tokens=False)["input_ids"]
         elif task == "video":  # at most 4 frames, each 16 slots: its cells' words, then spare (the image pad)
             frames = frame_slots(sample, 4)
             words = slot_words(tokenizer, item["standin_ids"][item["input_ids"] == video_pad])
@@ -462,14 +462,14 @@ def test_slot_warmup_spells_what_align_spells(chain, world):
         target = aligned[k]["image_spelling"][0]
         assert torch.equal(item["spelling"], target)
         assert "".join(tokenizer.decode(spelling[c - 1]) for c in target.tolist()) == sample["meta"]["text"].lower()
-        assert answer_ids(tokenizer, aligned[k]) == char_ids(tokenizer, sample["meta"]["text"])  # as the LLM learned
+        assert answer_ids(aligned[k]) == char_ids(tokenizer, sample["meta"]["text"])  # as the LLM learned
     plain = OmniDataset(str(world / "pretrain.jsonl"), tokenizer, model.config, 1024)  # no stand-ins (Qwen3): words
     text = aligned.records[texts[0]][1]["meta"]["text"]
-    assert answer_ids(tokenizer, plain[texts[0]]) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert answer_ids(plain[texts[0]]) == tokenizer(text, add_special_tokens=False)["input_ids"]
     asr = next(k for k, (_, s) in enumerate(aligned.records) if s["task"] == "asr")
     said = aligned.records[asr][1]["meta"]["transcript"]
-    assert answer_ids(tokenizer, aligned[asr]) == char_ids(tokenizer, said)  # speech read back: spelled too
-    assert answer_ids(tokenizer, plain[asr]) == tokenizer(said, add_special_tokens=False)["input_ids"]
+    assert answer_ids(aligned[asr]) == char_ids(tokenizer, said)  # speech read back: spelled too
+    assert answer_ids(plain[asr]) == tokenizer(said, add_special_tokens=False)["input_ids"]
     items = [aligned[texts[0]], aligned[caption]]
     batch = collate(items, tokenizer.pad_token_id)
     assert batch["image_spelling_lens"].tolist() == [len(items[0]["image_spelling"][0]), 0]
