@@ -140,7 +140,8 @@ def tokenize_conversation(sample: dict, tokenizer, media_expansions: dict[str, l
     start = 0
     for piece, is_trained in pieces:
         trained[start:start + len(piece)] = is_trained
-        spelled[start:start + len(piece) - len("<|im_end|>")] = is_trained and piece == f"{spell}<|im_end|>"
+        spelled[start:start + len(piece) - len("<|im_end|>")] = bool(spell) and is_trained \
+            and piece == f"{spell}<|im_end|>"  # (without spell, an answer "None" would match f"{None}")
         start += len(piece)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, first_chars = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
