@@ -37,28 +37,33 @@ run() {  # run NAME CMD...: log to $OUT/logs/NAME.log, print the last progress l
 
 [ -f "$DATA/test.jsonl" ] || run data python dataset/build_toyworld.py --out "$DATA"
 # The warm-ups of the image side (vision tower, then the resampler's slots) and of the sound + language side (audio
-# tower, its projector, the LLM) train different parts: they run side by side on half the cores each and meet at
-# align (--graft). Stop 31 measured the five at 985 s side by side, 1,275 one after the other (docs/experiments.md).
+# tower, the LLM) train different parts: they run side by side on half the cores each and meet at align (--graft).
+# Stop 31 measured the five at 985 s side by side, 1,275 one after the other (docs/experiments.md). The audio
+# projector's warm-up (listen) needs only the audio tower: it runs once the image side is done, beside the text
+# warm-up (which reads stand-ins, not the projector), so that both sides end together (stop 35).
 export OMP_NUM_THREADS=$(( $(nproc) > 3 ? $(nproc) / 2 : 1 ))
 start=$SECONDS
 ( run vision python train_pretrain_omni.py --stage vision --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
     --out "$OUT/vision" "${COMMON[@]}"
   run slots python train_pretrain_omni.py --stage slots --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
     --init "$OUT/vision" --out "$OUT/slots" "${COMMON[@]}" ) &
-IMAGE_SIDE=$!
-trap 'kill $IMAGE_SIDE $(pgrep -P $IMAGE_SIDE) 2>/dev/null || true' EXIT  # this side failed: stop the other too
+SIDES=($!)
+trap 'for p in "${SIDES[@]}"; do kill $p $(pgrep -P $p) 2>/dev/null; done; true' EXIT  # one failed: stop the rest
 run audio python train_pretrain_omni.py --stage audio --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
   --out "$OUT/audio" "${COMMON[@]}"
+run text python train_pretrain_omni.py --stage text --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
+  --init "$OUT/audio" --out "$OUT/text" "${COMMON[@]}" &
+SIDES+=($!)
+wait "${SIDES[0]}" || { echo "the image side's warm-ups failed"; exit 1; }
 run listen python train_pretrain_omni.py --stage listen --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
   --init "$OUT/audio" --out "$OUT/listen" "${COMMON[@]}"
-run text python train_pretrain_omni.py --stage text --data "$DATA/pretrain.jsonl" "$DATA/sft.jsonl" \
-  --init "$OUT/listen" --out "$OUT/text" "${COMMON[@]}"
-wait $IMAGE_SIDE || { echo "the image side's warm-ups failed"; exit 1; }
+wait "${SIDES[1]}" || { echo "the text warm-up failed"; exit 1; }
 trap - EXIT
-printf '%-8s %5d s\n' "(side by side: vision + slots | audio + listen + text)" $((SECONDS - start)) >> "$TIMES"
+printf '%-8s %5d s\n' "(side by side: vision + slots + listen | audio + text)" $((SECONDS - start)) >> "$TIMES"
 unset OMP_NUM_THREADS
 run align python train_pretrain_omni.py --stage align --data "$DATA/pretrain.jsonl" \
-  --init "$OUT/text" --graft vision,resampler="$OUT/slots" --out "$OUT/align" "${COMMON[@]}"
+  --init "$OUT/text" --graft vision,resampler="$OUT/slots" audio_projector="$OUT/listen" --out "$OUT/align" \
+  "${COMMON[@]}"
 # SFT keeps the warmed-up audio tower frozen: trained on SFT's 600 clips it undoes the spelling (asr 0.73 vs 0.80);
 # the LLM at a third of the lr: at 3e-4 it forgets how to read the spelled speech (asr 0.76 vs 0.84, README)
 run sft python train_sft_omni.py --data "$DATA/sft.jsonl" --init "$OUT/align" --out "$OUT/sft" \

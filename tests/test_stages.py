@@ -579,16 +579,19 @@ def test_pack_rows_refuses_media():
 
 
 def test_side_by_side_warmups_grafted_at_align_give_the_chains_model(chain, world, tmp_path):
-    """scripts/demo.sh runs vision -> slots beside audio -> listen -> text and grafts the two at align. Each warm-up
-    trains only its own parts, so that must be, bit for bit, the model the one-after-the-other chain hands to align."""
+    """scripts/demo.sh runs vision -> slots -> listen beside audio -> text and grafts them at align. Each warm-up
+    trains only its own parts, so that must be, bit for bit, the model the one-after-the-other chain
+    (vision -> slots -> audio -> listen -> text) hands to align."""
     data = ["--data", str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]
-    for stage, init in (("slots", ["--init", str(chain / "vision")]), ("audio", []),
-                        ("listen", ["--init", str(tmp_path / "audio")]), ("text", ["--init", str(tmp_path / "listen")])):
+    audio = ["--init", str(tmp_path / "audio")]
+    for stage, init in (("slots", ["--init", str(chain / "vision")]), ("audio", []), ("listen", audio),
+                        ("text", audio)):
         reading = ["--text_images", "16"] if stage == "slots" else []
         train_pretrain_omni.main(["--stage", stage, "--out", str(tmp_path / stage), "--max_steps", "2", *init,
                                   *reading, *data, *FAST])
-    args = train_pretrain_omni.parse_args(["--stage", "align", "--init", str(tmp_path / "text"),
-                                           "--graft", f"vision,resampler={tmp_path / 'slots'}", *data])
+    args = train_pretrain_omni.parse_args(["--stage", "align", "--init", str(tmp_path / "text"), "--graft",
+                                           f"vision,resampler={tmp_path / 'slots'}",
+                                           f"audio_projector={tmp_path / 'listen'}", *data])
     grafted, chained = build_model(args)[0], OmniModel.from_pretrained(str(chain / "listen"))
     assert grafted.config == chained.config
     ours, theirs = grafted.state_dict(), chained.state_dict()
