@@ -580,8 +580,8 @@ def test_pack_rows_refuses_media():
 
 def test_side_by_side_warmups_grafted_at_align_give_the_chains_model(chain, world, tmp_path):
     """scripts/demo.sh runs vision -> slots -> listen beside audio -> text and grafts them at align. Each warm-up
-    trains only its own parts, so that must be, bit for bit, the model the one-after-the-other chain
-    (vision -> slots -> audio -> listen -> text) hands to align."""
+    trains only its own parts, so that must be, bit for bit, the model the one-after-the-other chain (the `chain`
+    fixture: vision -> audio -> text -> slots -> listen) hands to align."""
     data = ["--data", str(world / "pretrain.jsonl"), str(world / "sft.jsonl")]
     audio = ["--init", str(tmp_path / "audio")]
     for stage, init in (("slots", ["--init", str(chain / "vision")]), ("audio", []), ("listen", audio),
