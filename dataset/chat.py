@@ -137,11 +137,11 @@ def tokenize_conversation(sample: dict, tokenizer, media_expansions: dict[str, l
     text = "".join(t for t, _ in pieces)
     trained = torch.zeros(len(text) + 1, dtype=torch.bool)  # per character
     spelled = torch.zeros(len(text) + 1, dtype=torch.bool)
+    spelled_piece = spell and spell + "<|im_end|>"  # the trained piece of that answer (render_pieces)
     start = 0
     for piece, is_trained in pieces:
         trained[start:start + len(piece)] = is_trained
-        spelled[start:start + len(piece) - len("<|im_end|>")] = bool(spell) and is_trained \
-            and piece == f"{spell}<|im_end|>"  # (without spell, an answer "None" would match f"{None}")
+        spelled[start:start + len(piece) - len("<|im_end|>")] = is_trained and piece == spelled_piece
         start += len(piece)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, first_chars = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]

@@ -159,7 +159,7 @@ class OmniDataset(Dataset):
         out, expansions = self._load_media(sample)
         spelling = self.config.spelling_ids
         read = text_image_reading(sample) if spelling and self.standins else None
-        if not (read and fits_text_slots(read[0], self.config.query_num) and len(out.get("pixel_values", [])) == 1):
+        if read and not (fits_text_slots(read[0], self.config.query_num) and len(out.get("pixel_values", [])) == 1):
             read = None  # a square text image is one slice, whose slots spell its text
         transcripts = (describe_media(sample) or {}).get("audio", []) if self.standins else []
         heard = transcripts if spelling and len(transcripts) == len(out.get("audio_features", [])) else []

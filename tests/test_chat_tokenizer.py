@@ -223,8 +223,7 @@ def test_an_answer_its_image_spells_is_written_a_character_per_token(tok):
         assert len(whole) < len(chars)  # the test tokenizer merges this answer: spelling it changes the ids
         trained = spelled_labels[spelled_labels != IGNORE_INDEX].tolist()
         assert trained[:len(chars) + 1] == chars + [tok.convert_tokens_to_ids("<|im_end|>")]
-        assert spelled_labels[spelled_labels != IGNORE_INDEX].tolist()[len(chars):] == \
-            labels[labels != IGNORE_INDEX].tolist()[len(whole):]                # the second answer is untouched
+        assert trained[len(chars):] == labels[labels != IGNORE_INDEX].tolist()[len(whole):]  # the 2nd answer: untouched
         assert tok.decode(spelled_ids.tolist()) == tok.decode(ids.tolist())
         start = torch.nonzero(labels != IGNORE_INDEX)[0, 0]
         assert torch.equal(spelled_ids[:start], ids[:start])                 # the prompt is untouched
