@@ -188,10 +188,9 @@ def talker_speech(model: OmniModel, processor, data: str, split: str = "test", k
                  and not k.startswith("speech_")}
         embeds = model.embed_inputs(batch["input_ids"], MediaInputs(**media))
         hidden = model.llm(inputs_embeds=embeds, logits_at="none").hidden_states[0]          # [T, D]
-        mask = batch["speech_text_mask"][0]
-        ids = batch["input_ids"][0][mask]
+        words, at = batch["speech_text_ids"][0], batch["speech_text_at"][0]                  # [N], [N]
         with reference_codebooks(model.talker, batch["speech_codes"][0, :, :batch["speech_lens"][0]], reference_books):
-            codes = model.talker.generate(ids, model.llm.get_input_embeddings()(ids), hidden[mask],
+            codes = model.talker.generate(words, model.llm.get_input_embeddings()(words), hidden[at],
                                           int(batch["speech_voices"][0]))
         spoken[os.path.join(data, answer["speech"])] = model.codec.decode(*codes)
     return spoken

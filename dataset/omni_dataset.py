@@ -26,6 +26,7 @@ from dataset.chat import (IGNORE_INDEX, MARKERS, SampleError, conversation_messa
                           tokenize_conversation)
 from dataset.media import audio_features, audio_placeholder, image_inputs, load_image, video_inputs
 from dataset.toyworld_text import describe_media, frame_slots, queried_slots, scene_slots, text_image_reading
+from model.talker import answer_words
 
 MEDIA_KEYS = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -182,8 +183,9 @@ class OmniDataset(Dataset):
         return dict(out, **speech, input_ids=input_ids, labels=labels)
 
     def _speech(self, turn: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
-        """The final turn's speech target -> {speech_codes Long[K, F], speech_voice Long[], speech_text_mask Bool[T]}:
-        the mask marks the answer tokens the talker speaks (that turn's trained tokens, end-of-turn tokens excluded)."""
+        """The final turn's speech target -> {speech_codes Long[K, F], speech_voice Long[], speech_text_ids Long[N],
+        speech_text_at Long[N]}: the words the talker reads (talker.answer_words of that turn's trained tokens,
+        end-of-turn tokens excluded) and the position in input_ids of each one's last hidden state."""
         if turn["role"] != "assistant" or "speech" not in turn:
             return {}
         voices = self.config.talker.voices
@@ -200,8 +202,11 @@ class OmniDataset(Dataset):
         turn_start = int(torch.nonzero(input_ids == ends[0]).max())
         mask = (labels != IGNORE_INDEX) & ~torch.isin(input_ids, torch.tensor(ends))
         mask[:turn_start] = False
+        answer = torch.nonzero(mask).flatten()                                  # [n] the answer's positions
+        words, at = answer_words(self.tokenizer, input_ids[answer].tolist())
         return {"speech_codes": self.codec.encode(torch.from_numpy(wav)),
-                "speech_voice": torch.tensor(voices.index(turn.get("voice", voices[0]))), "speech_text_mask": mask}
+                "speech_voice": torch.tensor(voices.index(turn.get("voice", voices[0]))),
+                "speech_text_ids": torch.tensor(words), "speech_text_at": answer[at]}
 
 
 def _pad_images(images: list[torch.Tensor]) -> torch.Tensor:
@@ -263,12 +268,16 @@ def collate(samples: list[dict | None], pad_id: int) -> dict | None:
                                             dtype=torch.long)                  # [B, K, Fmax]
         batch["speech_lens"] = torch.zeros(B, dtype=torch.long)               # [B]
         batch["speech_voices"] = torch.zeros(B, dtype=torch.long)             # [B]
-        batch["speech_text_mask"] = torch.zeros(B, T, dtype=torch.bool)       # [B, T]
+        N = max(len(s["speech_text_ids"]) for s in samples if "speech_codes" in s)
+        batch["speech_text_ids"] = torch.zeros(B, N, dtype=torch.long)       # [B, N]
+        batch["speech_text_at"] = torch.full((B, N), -1, dtype=torch.long)    # [B, N], -1 = no word
         for b, s in enumerate(samples):
             if "speech_codes" in s:
-                n, frames = len(s["input_ids"]), s["speech_codes"].shape[1]
+                n, frames = len(s["speech_text_ids"]), s["speech_codes"].shape[1]
                 batch["speech_codes"][b, :, :frames], batch["speech_lens"][b] = s["speech_codes"], frames
-                batch["speech_voices"][b], batch["speech_text_mask"][b, :n] = s["speech_voice"], s["speech_text_mask"]
+                batch["speech_voices"][b] = s["speech_voice"]
+                batch["speech_text_ids"][b, :n] = s["speech_text_ids"]
+                batch["speech_text_at"][b, :n] = s["speech_text_at"]
     return batch
 
 

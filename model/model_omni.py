@@ -17,7 +17,7 @@ from model.codec import MelCodec
 from model.model_audio import AudioConfig, WhisperEncoder
 from model.model_llm import KVCache, LLMConfig, Qwen3ForCausalLM
 from model.model_vision import SiglipVisionModel, VisionConfig
-from model.talker import SpokenFrames, Talker, TalkerConfig
+from model.talker import SpokenFrames, Talker, TalkerConfig, answer_words
 from model.weights import load_state_dict_checked, read_hf_config
 
 # ----------------------------------------------------------------------------- special tokens
@@ -466,7 +466,7 @@ class OmniModel(nn.Module):
                 + relative_error(slots[:, :TEXT_SLOTS_FROM], blank))
 
     def forward(self, input_ids, attention_mask=None, labels=None, speech_codes=None, speech_lens=None,
-                speech_voices=None, speech_text_mask=None, lookup_slots=None, **media) -> dict:
+                speech_voices=None, speech_text_ids=None, speech_text_at=None, lookup_slots=None, **media) -> dict:
         """Next-token loss over labelled positions only; logits are computed only where labels exist.
         With speech targets (speech_*: see speech_loss) the talker's loss is added, times speech_weight; with
         images and their word stand-ins and a resampler that trains, the stand-in loss, times standin_weight (and
@@ -509,8 +509,8 @@ class OmniModel(nn.Module):
             loss = loss + self.lookup_weight * out["lookup_loss"]
         spoke = self.talker is not None and speech_lens is not None and bool((speech_lens > 0).any())
         if spoke:
-            out["speech_loss"] = self.speech_loss(input_ids, hidden, speech_codes, speech_lens, speech_voices,
-                                                  speech_text_mask)
+            out["speech_loss"] = self.speech_loss(hidden, speech_codes, speech_lens, speech_voices, speech_text_ids,
+                                                  speech_text_at)
             loss = loss + self.speech_weight * out["speech_loss"]
         if self.training:
             loss = loss + self.unused_branch_anchor(media, spoke).to(loss.device)
@@ -539,18 +539,18 @@ class OmniModel(nn.Module):
         weight = attentions[rows[:, None], head, cols[:, None], targets]        # [N, heads]
         return -(weight.float() + 1e-6).log().mean()
 
-    def speech_loss(self, input_ids, hidden, speech_codes, speech_lens, speech_voices, speech_text_mask):
+    def speech_loss(self, hidden, speech_codes, speech_lens, speech_voices, speech_text_ids, speech_text_at):
         """The talker's loss on the rows with a speech target: speech_codes Long[B, K, F] (speech_lens Long[B],
-        0 = no target), speech_voices Long[B], speech_text_mask Bool[B, T] = the answer tokens it speaks. Each answer
-        token gives the talker its id (spelling), input embedding and last hidden state; a frozen LLM's states are
-        detached."""
+        0 = no target), speech_voices Long[B], speech_text_ids Long[B, N] = the words it speaks (talker.answer_words)
+        and speech_text_at Long[B, N] = the position of each one's LLM state (-1 = none). Each word gives the talker
+        its id (spelling), input embedding and that hidden state; a frozen LLM's states are detached."""
         if not any(p.requires_grad for p in self.llm.parameters()):
             hidden = hidden.detach()
-        embeds = self.llm.get_input_embeddings()(input_ids)          # [B, T, D]
         rows = torch.nonzero(speech_lens > 0).flatten().tolist()
-        masks = [speech_text_mask[b] for b in rows]
-        return self.talker([input_ids[b][m] for b, m in zip(rows, masks)], [embeds[b][m] for b, m in zip(rows, masks)],
-                           [hidden[b][m] for b, m in zip(rows, masks)],
+        words = [speech_text_ids[b][speech_text_at[b] >= 0] for b in rows]     # [N_b] each
+        states = [hidden[b][speech_text_at[b][speech_text_at[b] >= 0]] for b in rows]  # [N_b, D] each
+        embed = self.llm.get_input_embeddings()
+        return self.talker(words, [embed(w) for w in words], states,
                            [speech_codes[b, :, :speech_lens[b]] for b in rows], speech_voices[rows])
 
     # ---- generation
@@ -750,12 +750,13 @@ class OmniModel(nn.Module):
     def speak_stream(self, steps, tokenizer, stop_ids: set[int], voice: str | None = None, max_tokens: int = 128):
         """LLM steps (stream_generate with_hidden=True, one prompt) -> (text piece, new SpokenFrames [K, f]) pairs.
 
-        The talker pulls the answer in chunks of text_chunk tokens; pulling a chunk runs the LLM for those tokens,
-        so text and speech are produced in turn. A token's hidden state exists once the LLM has read it back, one
-        step after writing it."""
+        The talker pulls the answer in chunks of text_chunk words (answer_words: an answer written a character per
+        token is read as the words it spells, each once the next word has begun); pulling a chunk runs the LLM for
+        those tokens, so text and speech are produced in turn. A token's hidden state exists once the LLM has read it
+        back, one step after writing it."""
         talker = self.talker.config
         voice_id = talker.voices.index(voice or talker.voices[0])
-        answer = []                                                 # answer token ids so far
+        answer, states = [], []                                     # answer token ids so far, their hidden states
 
         def tokens():                                               # (token id, its last hidden state [D])
             previous, count = None, 0
@@ -767,11 +768,21 @@ class OmniModel(nn.Module):
                 if previous in stop_ids or count == max_tokens:
                     return
 
-        def chunks():                                               # (ids [n], input embeddings [n, D], hidden [n, D])
-            buffer = []
+        def words():                                                # (word id, its hidden state): answer_words
+            said = 0
             for token, hidden in tokens():
                 answer.append(token)
-                buffer.append((token, hidden))
+                states.append(hidden)
+                ids, at = answer_words(tokenizer, answer, complete=False)
+                yield from ((i, states[k]) for i, k in zip(ids[said:], at[said:]))
+                said = len(ids)
+            ids, at = answer_words(tokenizer, answer)
+            yield from ((i, states[k]) for i, k in zip(ids[said:], at[said:]))
+
+        def chunks():                                               # (ids [n], input embeddings [n, D], hidden [n, D])
+            buffer = []
+            for word in words():
+                buffer.append(word)
                 if len(buffer) == talker.text_chunk:
                     yield self._talker_chunk(buffer)
                     buffer = []

@@ -36,6 +36,7 @@ the speech is steered to attend to the text x% through the answer (by letters). 
 alignment from data; a small talker on a few thousand clips tends to say the first word from the text and the
 next from memory (README, "Speech output", for what the loss changes and what it does not).
 """
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -144,6 +145,24 @@ def fill_table(table: torch.Tensor, rows: list[list[int]]) -> None:
         row = row[:table.shape[1]]
         filled[token, :len(row)] = torch.tensor(row, dtype=table.dtype) + 1
     table.copy_(filled)
+
+
+def answer_words(tokenizer, ids: list[int], complete: bool = True) -> tuple[list[int], list[int]]:
+    """What the talker reads of an answer the LLM wrote (ids): (the tokenizer's own ids for its text, and for each the
+    index in ids of the token that completes it, whose last hidden state the talker reads with it).
+
+    The tiny LLM writes what it reads off a text image or hears a character per token (dataset/chat.py,
+    tokenize_conversation); a letter token's sound is the letter's name, so the talker reads the words those letters
+    make. An answer already in the tokenizer's own tokens comes back unchanged. complete=False (the LLM is still
+    writing): the last word is left out, it may still grow."""
+    enc = tokenizer(tokenizer.decode(ids), add_special_tokens=False, return_offsets_mapping=True)
+    words, n = enc.word_ids(), len(enc["input_ids"])
+    if not complete and n:
+        n = words.index(words[-1])
+    if enc["input_ids"][:n] == ids[:n]:                     # written in the tokenizer's own tokens
+        return ids[:n], list(range(n))
+    ends = [len(tokenizer.decode(ids[:k + 1]).rstrip("\ufffd")) for k in range(len(ids))]  # text written by token k
+    return enc["input_ids"][:n], [min(bisect_left(ends, e), len(ids) - 1) for _, e in enc["offset_mapping"][:n]]
 
 
 # ----------------------------------------------------------------------------- the talker

@@ -8,7 +8,8 @@ import torch
 
 from model.model_omni import OmniConfig, OmniModel
 from model.model_llm import Attention, LLMConfig, rope_cos_sin
-from model.talker import SpokenFrames, Talker, TalkerConfig, delay_grid, diagonal_penalty, interleave_order
+from model.talker import (SpokenFrames, Talker, TalkerConfig, answer_words, delay_grid, diagonal_penalty,
+                          interleave_order)
 from tests.test_omni import tiny_config
 
 
@@ -243,7 +244,7 @@ def speech_batch():
     return dict(input_ids=input_ids, attention_mask=(input_ids > 0).long(), labels=labels,
                 speech_codes=torch.tensor([[[1, 2, 3, 4]] * 3, [[0] * 4] * 3]),              # row 1: no speech
                 speech_lens=torch.tensor([4, 0]), speech_voices=torch.tensor([1, 0]),
-                speech_text_mask=torch.tensor([[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0]]).bool())
+                speech_text_ids=torch.tensor([[4, 5], [0, 0]]), speech_text_at=torch.tensor([[3, 4], [-1, -1]]))
 
 
 def test_speech_loss_adds_to_the_text_loss_and_reaches_every_trainable_parameter():
@@ -308,7 +309,8 @@ def test_speak_flag_adds_speech_targets_that_become_talker_batches(spoken_world)
                                                             "read_aloud"} for i in spoken)
     item = dataset[spoken[0]]
     answer = dataset.records[spoken[0]][1]["conversations"][-1]["content"]
-    assert processor.tokenizer.decode(item["input_ids"][item["speech_text_mask"]]) == answer
+    assert processor.tokenizer.decode(item["speech_text_ids"]) == answer
+    assert torch.equal(item["input_ids"][item["speech_text_at"]], item["speech_text_ids"])  # written as the words
     assert item["speech_codes"].shape[0] == model.codec.n_codebooks
     assert model.codec.phonemes and int(item["speech_codes"][0].max()) < len(model.codec.phonemes)  # phonetic code 0
     batch = collate([item, dataset[next(i for i in range(len(dataset)) if i not in spoken)]],
@@ -362,15 +364,81 @@ def test_streamed_speech_equals_the_talker_on_the_whole_answer(spoken_world):
 
     batch = processor(question)                                    # the whole answer, read in one forward pass
     steps = model.stream_generate(**batch, max_new_tokens=7, stop_ids=processor.stop_ids, with_hidden=True)
-    frames = SpokenFrames.cat([f for _, f in model.speak_stream(steps, processor.tokenizer, set(processor.stop_ids),
-                                                                "max", max_tokens=6)])
-    answer = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    written = []                                                   # the ids the LLM wrote, as speak_stream saw them
+    frames = SpokenFrames.cat([f for _, f in model.speak_stream(
+        ((ids, hidden) for ids, hidden in steps if written.append(int(ids[0])) or True),
+        processor.tokenizer, set(processor.stop_ids), "max", max_tokens=6)])
+    answer = torch.tensor(written[:6])
     ids = torch.cat([batch["input_ids"][0], answer])
     hidden = model.llm(input_ids=ids[None], logits_at="none").hidden_states[0, -len(answer):]
-    whole = model.talker.generate(answer, model.llm.get_input_embeddings()(answer), hidden, voice=1)
+    words, at = answer_words(processor.tokenizer, answer.tolist())
+    words = torch.tensor(words)
+    whole = model.talker.generate(words, model.llm.get_input_embeddings()(words), hidden[at], voice=1)
     assert torch.equal(frames.codes, whole.codes) and torch.allclose(frames.probs, whole.probs, atol=1e-6)
     assert torch.equal(wav, model.codec.decode(*frames))           # chat decodes the finer books as expected codewords,
     assert not torch.allclose(wav, model.codec.decode(frames.codes))  # not as the picked ones
+
+
+def spelled(tokenizer, text: str) -> list[int]:
+    """text written a character per token, as the tiny LLM writes what it reads off a text image or hears."""
+    return [i for c in text for i in tokenizer(c, add_special_tokens=False)["input_ids"]]
+
+
+def test_answer_words_reads_a_spelled_answer_as_its_words(spoken_world):
+    from dataset.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(str(spoken_world / "tokenizer"))
+    for text in ["three red cats", "The boat is red.", "a  b   c"]:
+        letters, words = spelled(tokenizer, text), tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(letters) > len(words)
+        ids, at = answer_words(tokenizer, letters)
+        assert ids == words
+        # each word's state is the one after its last letter
+        assert [tokenizer.decode(letters[:k + 1]) for k in at] == [tokenizer.decode(words[:j + 1])
+                                                                   for j in range(len(words))]
+        assert answer_words(tokenizer, words) == (words, list(range(len(words))))  # words stay as they are
+        for n in range(len(letters) + 1):                          # while it is written: a prefix, never a guess
+            partial, partial_at = answer_words(tokenizer, letters[:n], complete=False)
+            assert partial == ids[:len(partial)] and partial_at == at[:len(partial)]
+            assert len(partial) < len(ids)                         # the last word waits for the answer's end
+
+
+def test_a_spelled_asr_answer_gives_the_talker_its_words(spoken_world):
+    """An ASR answer the LLM learns to write a character per token (the model spells speech): the talker trains on
+    the transcript's words, each with the LLM state at its last letter."""
+    from dataset.chat import char_token_ids
+    from dataset.omni_dataset import OmniDataset
+    from stage_utils import charset
+    model, processor = model_for(spoken_world)
+    tokenizer = processor.tokenizer
+    model.config.spelling_ids = [char_token_ids(tokenizer, c)[0] for c in charset([str(spoken_world / "sft.jsonl")])]
+    dataset = OmniDataset(str(spoken_world / "sft.jsonl"), tokenizer, model.config, codec=model.codec, standins=True)
+    index = next(i for i, (_, s) in enumerate(dataset.records)
+                 if s["task"] == "asr" and "speech" in s["conversations"][-1])
+    item, answer = dataset[index], dataset.records[index][1]["conversations"][-1]["content"]
+    words = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert item["speech_text_ids"].tolist() == words and len(words) < len(spelled(tokenizer, answer))
+    written = item["input_ids"][:int(item["speech_text_at"][-1]) + 1]
+    assert written[-len(spelled(tokenizer, answer)):].tolist() == spelled(tokenizer, answer)  # the LLM spells it
+    last_letters = [tokenizer.decode([int(item["input_ids"][k])]) for k in item["speech_text_at"]]
+    assert last_letters == [tokenizer.decode([w])[-1] for w in words]
+
+
+@torch.no_grad()
+def test_streamed_speech_of_a_spelled_answer_equals_the_talker_on_its_words(spoken_world):
+    model, processor = model_for(spoken_world)
+    tokenizer, text = processor.tokenizer, "three red cats"
+    letters = spelled(tokenizer, text)
+    torch.manual_seed(1)
+    states = torch.randn(len(letters) + 1, model.config.llm.hidden_size)  # [n + 1, D]: the prompt's last, each letter's
+    stop = processor.stop_ids[0]
+    steps = [(torch.tensor([t]), states[k:k + 1]) for k, t in enumerate(letters + [stop])]
+    pieces = list(model.speak_stream(iter(steps), tokenizer, {stop}, "ava"))
+    assert "".join(t for t, _ in pieces) == text
+    words, at = answer_words(tokenizer, letters)
+    words = torch.tensor(words)
+    whole = model.talker.generate(words, model.llm.get_input_embeddings()(words), states[1:][at], voice=0)
+    streamed = SpokenFrames.cat([f for _, f in pieces])
+    assert torch.equal(streamed.codes, whole.codes) and torch.allclose(streamed.probs, whole.probs, atol=1e-6)
 
 
 def test_new_talker_config_takes_typed_overrides_of_number_fields():
