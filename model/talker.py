@@ -1,9 +1,11 @@
 """The talker: a small causal transformer that speaks the LLM's answer as codec codes (MiniCPM-o's speech decoder).
 
-What it reads. One item per answer token: that token's text embedding (the LLM's input embedding, projected to the
-talker's width) + L2-normalised MLP(the LLM's last hidden state of that token) + its L2-normalised SPELLING (the
-sum of an embedding per UTF-8 byte of the token's text at its place in the token) + (with `sound_phonemes`, on a
-phonetic codec) its L2-normalised SOUND (the same over the token's phonemes, as ids of the codec's first codebook).
+What it reads. One item per answer token, the answer's text tokenised as the tokenizer writes it (answer_words: an
+answer the LLM spelled a character per token is read as its words): that token's text embedding (the LLM's input
+embedding, projected to the talker's width) + L2-normalised MLP(the LLM's last hidden state of that token, of its last
+letter when spelled) + its L2-normalised SPELLING (the sum of an embedding per UTF-8 byte of the token's text at its
+place in the token) + (with `sound_phonemes`, on a phonetic codec) its L2-normalised SOUND (the same over the token's
+phonemes, as ids of the codec's first codebook).
 The text embedding says WHAT to say; spelling and sound say how it is written and said, which carries over between
 words (a whole-word token is only ever heard in the few clips that say it, its letters and phonemes in thousands;
 with phonetic codes, codebook 0 becomes copying the sound at the right pace); the hidden state carries the context
