@@ -363,12 +363,10 @@ def test_streamed_speech_equals_the_talker_on_the_whole_answer(spoken_world):
     assert len(streamed) > 2 and sum(len(a) for _, a in streamed) > 0 and len(wav) > 0
 
     batch = processor(question)                                    # the whole answer, read in one forward pass
-    steps = model.stream_generate(**batch, max_new_tokens=7, stop_ids=processor.stop_ids, with_hidden=True)
-    written = []                                                   # the ids the LLM wrote, as speak_stream saw them
-    frames = SpokenFrames.cat([f for _, f in model.speak_stream(
-        ((ids, hidden) for ids, hidden in steps if written.append(int(ids[0])) or True),
-        processor.tokenizer, set(processor.stop_ids), "max", max_tokens=6)])
-    answer = torch.tensor(written[:6])
+    steps = list(model.stream_generate(**batch, max_new_tokens=7, stop_ids=processor.stop_ids, with_hidden=True))
+    frames = SpokenFrames.cat([f for _, f in model.speak_stream(iter(steps), processor.tokenizer,
+                                                                set(processor.stop_ids), "max", max_tokens=6)])
+    answer = torch.tensor([int(ids[0]) for ids, _ in steps if int(ids[0]) not in processor.stop_ids][:6])  # written
     ids = torch.cat([batch["input_ids"][0], answer])
     hidden = model.llm(input_ids=ids[None], logits_at="none").hidden_states[0, -len(answer):]
     words, at = answer_words(processor.tokenizer, answer.tolist())
