@@ -547,8 +547,9 @@ class OmniModel(nn.Module):
         if not any(p.requires_grad for p in self.llm.parameters()):
             hidden = hidden.detach()
         rows = torch.nonzero(speech_lens > 0).flatten().tolist()
-        words = [speech_text_ids[b][speech_text_at[b] >= 0] for b in rows]     # [N_b] each
-        states = [hidden[b][speech_text_at[b][speech_text_at[b] >= 0]] for b in rows]  # [N_b, D] each
+        at = [speech_text_at[b][speech_text_at[b] >= 0] for b in rows]        # [N_b] each
+        words = [speech_text_ids[b][:len(a)] for b, a in zip(rows, at)]         # [N_b] each
+        states = [hidden[b][a] for b, a in zip(rows, at)]                       # [N_b, D] each
         embed = self.llm.get_input_embeddings()
         return self.talker(words, [embed(w) for w in words], states,
                            [speech_codes[b, :, :speech_lens[b]] for b in rows], speech_voices[rows])
